@@ -1,0 +1,231 @@
+"""Every config field, its default, and the checks run before any work.
+
+Config files start from `base_config()` and override fields; `validate(config)` rejects an
+unknown field or a bad value with an error naming the field and what is allowed.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from hetscale_jax import grow, layers, splitting
+from hetscale_jax import input_pipeline
+
+GROWABLE_LAYER_NAMES = ("qkv", "proj", "fc1", "fc2")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = input_pipeline.default_data_config(dataset)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "S"                       # "Ti", "S" or "B": widths not overridden below
+  c.model.patch_size = 16
+  c.model.width = config_dict.placeholder(int)
+  c.model.depth = config_dict.placeholder(int)
+  c.model.num_heads = config_dict.placeholder(int)
+  c.model.head_dim = config_dict.placeholder(object)  # int, or one per block: the bottlenecks
+  c.model.mlp_dim = config_dict.placeholder(object)   # int, or one per block
+  c.model.drop_path_rate = 0.1
+  c.model.dtype = "float32"                   # activations; params are always float32
+  c.model.unit_activation = "gelu"
+
+  c.batch_size = 512                          # global, over all devices and hosts
+  c.num_epochs = 300
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 5e-4                      # at batch 512; scaled linearly with batch_size
+  c.optim.warmup_epochs = 5.0
+  c.optim.warmup_lr = 1e-6
+  c.optim.min_lr = 1e-5
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.label_smoothing = 0.1
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.8                   # 0 disables mixup
+  c.mixup.cutmix_alpha = 1.0                  # 0 disables cutmix
+  c.mixup.switch_prob = 0.5                   # chance of cutmix when both are on
+  c.mixup.prob = 1.0                          # chance a batch is mixed at all
+
+  c.growth = ml_collections.ConfigDict()
+  c.growth.enabled = False
+  c.growth.epochs = ()                        # growth events, at these (fractional) epochs
+  c.growth.budget_per_event = 0               # parameters added per event, or ...
+  c.growth.target_params = 0                  # ... total parameters after the last event
+  c.growth.layers = GROWABLE_LAYER_NAMES      # eligible layer kinds
+  c.growth.rule = "splitting"                 # see grow.RULES
+  c.growth.mode = "exact"                     # "exact": a = 0; "split": a = 1 (grow.MODES)
+  c.growth.unit_scale = 1.0                   # |r . x~| of a new unit, relative to input scale
+  c.growth.threshold = 0.0                    # grow only normalised eigenvalues below this
+  c.growth.max_layer_fraction = 0.25          # cap on a layer's neurons grown per event
+  c.growth.probe_batches = 1                  # training batches the splitting matrices average
+  c.growth.num_iters = splitting.DEFAULT_NUM_ITERS   # Lanczos iterations
+  c.growth.method = "collected"               # or "streamed" (memory of one training step)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1                             # devices over which params/opt state are sharded
+  c.log_every_steps = 50
+  c.eval_every_epochs = 10.0
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.compilation_cache_dir = "~/.cache/hetscale_jax/xla"  # "" disables the persistent cache
+  return c
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _check_known_fields(config, reference, prefix="config"):
+  for key in config.keys():
+    name = f"{prefix}.{key}"
+    if key not in reference:
+      raise ConfigError(f"unknown config field {name}; fields of {prefix}: {sorted(reference.keys())}")
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(f"{name} must be a group of fields {sorted(reference[key].keys())}")
+      _check_known_fields(config[key], reference[key], name)
+
+
+def _require(ok: bool, field: str, value, allowed: str):
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _per_block(value, depth) -> bool:
+  if value is None or isinstance(value, int):
+    return value is None or value > 0
+  return (depth is None or len(value) == depth) and all(isinstance(v, int) and v > 0 for v in value)
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad field. Pure: no I/O, no devices."""
+  _check_known_fields(config, base_config(config.data.name if "data" in config else "digits"))
+  m, g, o = config.model, config.growth, config.optim
+  _require(m.variant in ("Ti", "S", "B"), "model.variant", m.variant, "choose Ti, S or B")
+  _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {DTYPES}")
+  _require(m.unit_activation in layers.ACTIVATIONS, "model.unit_activation", m.unit_activation,
+           f"choose one of {sorted(layers.ACTIVATIONS)}")
+  _require(m.patch_size > 0 and config.data.image_size % m.patch_size == 0, "model.patch_size",
+           m.patch_size, f"must divide config.data.image_size={config.data.image_size}")
+  for field in ("width", "depth", "num_heads"):
+    _require(m[field] is None or m[field] > 0, f"model.{field}", m[field], "must be > 0 (or unset)")
+  for field in ("head_dim", "mlp_dim"):
+    _require(_per_block(m[field], m.depth), f"model.{field}", m[field],
+             "must be a positive int or one positive int per block (len == model.depth)")
+  _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
+  _require(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
+  _require(config.num_epochs > 0, "num_epochs", config.num_epochs, "must be > 0")
+  _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "must be > 0")
+  _require(0 <= o.warmup_epochs < config.num_epochs, "optim.warmup_epochs", o.warmup_epochs,
+           f"must be in [0, num_epochs={config.num_epochs})")
+  _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+  _require(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing, "must be in [0, 1)")
+  for field in ("mixup_alpha", "cutmix_alpha"):
+    _require(config.mixup[field] >= 0, f"mixup.{field}", config.mixup[field], "must be >= 0 (0 disables)")
+  for field in ("switch_prob", "prob"):
+    _require(0 <= config.mixup[field] <= 1, f"mixup.{field}", config.mixup[field], "must be in [0, 1]")
+  _require(config.mesh.fsdp >= 1, "mesh.fsdp", config.mesh.fsdp, "must be >= 1")
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _require(config[field] >= 1, field, config[field], "must be >= 1")
+  _require(config.eval_every_epochs > 0, "eval_every_epochs", config.eval_every_epochs, "must be > 0")
+  input_pipeline.validate_data_config(config.data)
+
+  if not g.enabled:
+    return
+  _require(len(g.epochs) > 0, "growth.epochs", g.epochs, "list at least one epoch when growth.enabled")
+  _require(all(0 <= e < config.num_epochs for e in g.epochs), "growth.epochs", g.epochs,
+           f"every growth epoch must be in [0, num_epochs={config.num_epochs})")
+  _require(list(g.epochs) == sorted(set(g.epochs)), "growth.epochs", g.epochs, "must be increasing")
+  _require(g.budget_per_event >= 0, "growth.budget_per_event", g.budget_per_event,
+           "must be >= 0 parameters")
+  _require(g.target_params >= 0, "growth.target_params", g.target_params, "must be >= 0 parameters")
+  _require((g.budget_per_event > 0) != (g.target_params > 0), "growth.budget_per_event",
+           g.budget_per_event, "set exactly one of growth.budget_per_event and growth.target_params")
+  _require(len(g.layers) > 0 and set(g.layers) <= set(GROWABLE_LAYER_NAMES), "growth.layers", g.layers,
+           f"choose a non-empty subset of {GROWABLE_LAYER_NAMES}")
+  _require(g.rule in grow.RULES, "growth.rule", g.rule, f"choose one of {grow.RULES}")
+  _require(g.mode in grow.MODES, "growth.mode", g.mode, f"choose one of {grow.MODES}")
+  _require(g.unit_scale > 0, "growth.unit_scale", g.unit_scale, "must be > 0")
+  _require(0 < g.max_layer_fraction <= 1, "growth.max_layer_fraction", g.max_layer_fraction,
+           "must be in (0, 1]")
+  _require(g.probe_batches >= 1, "growth.probe_batches", g.probe_batches, "must be >= 1")
+  _require(g.num_iters >= 1, "growth.num_iters", g.num_iters, "must be >= 1")
+  _require(g.method in splitting.METHODS, "growth.method", g.method,
+           f"choose one of {splitting.METHODS}")
+
+
+# ---------------------------------------------------------------------------- sizing helpers
+
+VARIANT_WIDTHS = {"Ti": (192, 3), "S": (384, 6), "B": (768, 12)}
+
+
+def deit_param_count(variant: str = "S", *, num_classes: int, img_size: int, channels: int = 3,
+                     patch_size: int = 16, depth: int = 12, head_dim=None, mlp_dim=None) -> int:
+  """Parameters of a DeiT built by models.deit.create (closed form; checked against it in tests)."""
+  width, heads = VARIANT_WIDTHS[variant]
+  head_dims = _blocks(head_dim if head_dim is not None else width // heads, depth)
+  mlp_dims = _blocks(mlp_dim if mlp_dim is not None else 4 * width, depth)
+  tokens = (img_size // patch_size) ** 2 + 1
+  total = patch_size ** 2 * channels * width + width + width + tokens * width
+  for h, m in zip(head_dims, mlp_dims):
+    inner = heads * h
+    total += 4 * width + 3 * inner * (width + 1) + inner * width + width + 2 * width * m + m + width
+  return total + 2 * width + width * num_classes + num_classes
+
+
+def _blocks(value, depth):
+  return [value] * depth if isinstance(value, int) else list(value)
+
+
+def uniform_widths(target_params: int, variant: str = "S", **sizes) -> tuple[int, int]:
+  """(head_dim, mlp_dim) keeping the variant's mlp/head ratio, uniformly in every block,
+  whose parameter count is closest to target_params: the conventional-scaling baseline."""
+  width, heads = VARIANT_WIDTHS[variant]
+  ratio = 4 * width // (width // heads)
+  return min(((h, ratio * h) for h in range(1, 2 * width // heads + 1)),
+             key=lambda hm: abs(deit_param_count(variant, head_dim=hm[0], mlp_dim=hm[1], **sizes)
+                                - target_params))
+
+
+# The paper configs' bottleneck start: 3/4 of DeiT-S's head dimension and MLP width in every
+# block; growth adds units until the model has 90% of DeiT-S's parameters.
+PAPER_REDUCED = dict(head_dim=48, mlp_dim=1152)
+PAPER_TARGET_FRACTION = 0.9
+PAPER_VARIANTS = ("splitting", "random", "uniform", "first_order",
+                  "static_full", "static_uniform", "static_reduced")
+
+
+def paper_config(variant, dataset, num_classes, img_size, *, patch_size, num_epochs, growth_epochs):
+  """The shared recipe of the paper configs; `variant` picks the growth rule or a baseline."""
+  if variant not in PAPER_VARIANTS:
+    raise ValueError(f"config variant {variant!r}: choose one of {PAPER_VARIANTS}")
+  c = base_config(dataset)
+  c.model.variant = "S"
+  c.model.patch_size = patch_size
+  c.model.drop_path_rate = 0.1
+  c.batch_size = 1024
+  c.num_epochs = num_epochs
+  c.model.dtype = "bfloat16"
+  c.log_every_steps = 100
+  c.eval_every_epochs = 5.0
+  c.checkpoint_every_steps = 2000
+
+  sizes = dict(num_classes=num_classes, img_size=img_size, patch_size=patch_size)
+  target = int(PAPER_TARGET_FRACTION * deit_param_count("S", **sizes))
+  if variant == "static_full":
+    return c
+  if variant == "static_uniform":
+    c.model.head_dim, c.model.mlp_dim = uniform_widths(target, "S", **sizes)
+    return c
+  c.model.head_dim, c.model.mlp_dim = PAPER_REDUCED["head_dim"], PAPER_REDUCED["mlp_dim"]
+  if variant == "static_reduced":
+    return c
+  c.growth.enabled = True
+  c.growth.rule = variant
+  c.growth.epochs = growth_epochs
+  c.growth.target_params = target
+  c.growth.probe_batches = 4
+  c.growth.method = "collected"
+  return c

@@ -1,0 +1,51 @@
+"""Device mesh and shardings: data parallel over every device, optional FSDP (DESIGN section 9).
+
+The mesh has axes ("data", "fsdp"). A batch is split over both axes. With fsdp > 1 every
+array with an axis divisible by the fsdp size is split along its largest such axis over
+"fsdp" (params and the optimizer moments alike, since the rule only looks at shapes);
+everything else is replicated. The rule needs no knowledge of the model, so the parameters
+a growth event adds get their shardings the same way.
+"""
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  if len(devices) % fsdp:
+    raise ValueError(f"config.mesh.fsdp={fsdp} must divide the number of devices ({len(devices)})")
+  return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _array_spec(shape, fsdp: int) -> P:
+  if fsdp == 1:
+    return P()
+  candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0]
+  if not candidates:
+    return P()
+  _, axis = max(candidates)
+  return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+
+
+def tree_shardings(mesh: Mesh, tree):
+  """NamedSharding of every leaf of `tree` (arrays or ShapeDtypeStructs) by the FSDP rule."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, _array_spec(np.shape(x), fsdp)), tree)
+
+
+def global_batch(mesh: Mesh, local_batch):
+  """Assembles each process's numpy batch into one global array sharded over the mesh."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -1,0 +1,40 @@
+"""Trains (and grows) a DeiT: `python main.py --config configs/deit_s_in100.py --workdir DIR`.
+
+With no flags it trains and grows a small DeiT on the embedded digits data in minutes on CPU.
+Any config field can be overridden: `--config.num_epochs=10 --config.growth.rule=random`.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from hetscale_jax import config_lib
+from hetscale_jax import input_pipeline
+from hetscale_jax import train
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"), "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go "
+                    "(default: workdirs/<config name>).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join(
+      "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  logging.info("config:\n%s", config)
+  try:
+    train.train_and_evaluate(config, workdir)
+  except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
