@@ -1,0 +1,403 @@
+"""Datasets, per-host batch iterators and config.data (DESIGN sections 7 and 8).
+
+config.data fields. `default_data_config(name)` gives each dataset's recipe, which config files
+override; a dataset takes exactly its own fields, and `validate_data_config` names any other.
+
+  every dataset
+    name                   "digits" (embedded, the default), "cifar100" or "imagenet100".
+    prefetch               batches tf.data prepares ahead of the training loop (2).
+    repeated_augmentation  copies of an image per epoch, each augmented on its own (DeiT's
+                           repeated augmentation): 1 for digits, 3 for cifar100 / imagenet100.
+  cifar100 and imagenet100
+    data_dir               tfds data dir holding the prepared dataset; None: tfds' default
+                           ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
+    image_size             side of the square images the model gets (cifar100 32, imagenet100 224).
+    crop_scale_min         smallest area share of the random resized crop (0.08).
+    hflip                  random horizontal flip (True).
+    randaugment_layers     RandAugment ops per image; 0 turns RandAugment off (2).
+    randaugment_magnitude  RandAugment magnitude, 0 to 10 (9.0).
+    randaugment_mstd       std of the Gaussian noise on the magnitude (0.5).
+    random_erasing         probability of erasing one random rectangle (0.25).
+    eval_crop_ratio        eval resizes the shorter side to image_size / ratio, then centre-crops
+                           image_size (0.875).
+  imagenet100
+    manual_dir             folder with the ImageNet-2012 tars, only to spell out the
+                           prepare_imagenet100 command when the dataset is missing (None).
+
+Datasets:
+  digits       the 1,797 real 8x8 UCI handwritten digits that ship with scikit-learn: 1,437 train /
+               360 test (stratified split, seed 0), scaled to [0, 1] and normalised by the train
+               split's mean and std. Train augmentation: random shifts of up to 1 pixel.
+  cifar100     tfds cifar100 (train / test) with DeiT's transforms at image_size.
+  imagenet100  prepare_imagenet100's output (train / validation) with DeiT's transforms.
+
+Sampling. Every process computes the same global sequence of examples and reads only its own
+slice of each global batch. Epoch e visits a stateless permutation (seed, e) of the train split;
+with repeated augmentation r, each image of the permutation is drawn r times in a row, and the
+first steps_per_epoch * global_batch_size draws make the epoch, as in DeiT's RASampler (so an
+epoch sees about 1/r of the images, each r times). Within a global batch, draw j goes to the
+(j mod r)-th of r consecutive parts, so the copies of an image land on different devices and
+hosts, as RASampler puts them on different ranks. Each example's augmentation is seeded by
+(seed, its position in the global sequence). A batch thus depends only on (seed, step): it is the
+same for any number of processes, and resuming at start_step replays and skips nothing.
+"""
+
+from collections.abc import Callable, Iterator
+import dataclasses
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from sklearn import datasets as sklearn_datasets
+from sklearn import model_selection
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from hetscale_jax import augment
+from hetscale_jax import prepare_imagenet100
+
+DATASETS = ("digits", "cifar100", "imagenet100")
+EVAL_SPLIT = {"digits": "test", "cifar100": "test", "imagenet100": "validation"}
+DIGITS_TEST_SIZE = 360
+DIGITS_MAX_SHIFT = 1
+
+_COMMON_FIELDS = ("name", "prefetch", "repeated_augmentation")
+_DEIT_FIELDS = ("data_dir", "image_size", "crop_scale_min", "hflip", "randaugment_layers",
+                "randaugment_magnitude", "randaugment_mstd", "random_erasing", "eval_crop_ratio")
+FIELDS = {
+    "digits": _COMMON_FIELDS,
+    "cifar100": _COMMON_FIELDS + _DEIT_FIELDS,
+    "imagenet100": _COMMON_FIELDS + _DEIT_FIELDS + ("manual_dir",),
+}
+
+# Separate random streams derived from the user's seed.
+_PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1
+
+
+class DatasetNotFoundError(RuntimeError):
+  """The dataset is not prepared where the config points; the message says how to prepare it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]  # H, W, C of what the model receives.
+  num_train: int
+  num_eval: int
+
+
+# ---------------------------------------------------------------------------------------------
+# config.data
+
+
+def default_data_config(name: str) -> ml_collections.ConfigDict:
+  """The recipe's config.data for `name`: DeiT's for cifar100 / imagenet100, light for digits."""
+  _check_name(name)
+  config = ml_collections.ConfigDict()
+  config.name = name
+  config.prefetch = 2
+  config.repeated_augmentation = 1 if name == "digits" else 3
+  if name == "digits":
+    return config
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.image_size = 32 if name == "cifar100" else 224
+  config.crop_scale_min = 0.08
+  config.hflip = True
+  config.randaugment_layers = 2
+  config.randaugment_magnitude = 9.0
+  config.randaugment_mstd = 0.5
+  config.random_erasing = 0.25
+  config.eval_crop_ratio = 0.875
+  if name == "imagenet100":
+    config.manual_dir = ml_collections.config_dict.placeholder(str)
+  return config
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def _optional_str(v) -> bool:
+  return v is None or isinstance(v, str)
+
+
+_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "prefetch": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "repeated_augmentation": (lambda v: _is_int(v) and v >= 1, "an int >= 1 (1: off)"),
+    "data_dir": (_optional_str, "None or a path"),
+    "manual_dir": (_optional_str, "None or a path"),
+    # RandAugment's sharpness filter needs 3 pixels; 8 keeps every op meaningful.
+    "image_size": (lambda v: _is_int(v) and v >= 8, "an int >= 8"),
+    "crop_scale_min": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "hflip": (lambda v: isinstance(v, bool), "True or False"),
+    "randaugment_layers": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: off)"),
+    "randaugment_magnitude": (lambda v: _is_number(v) and 0 <= v <= augment.MAX_LEVEL,
+                              f"a number in [0, {augment.MAX_LEVEL:g}]"),
+    "randaugment_mstd": (lambda v: _is_number(v) and 0 <= v < float("inf"),
+                         "a finite number >= 0"),
+    "random_erasing": (lambda v: _is_number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "eval_crop_ratio": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
+
+
+def _check_name(name) -> None:
+  if name not in DATASETS:
+    raise ValueError(f"config.data.name={name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def validate_data_config(data_config) -> None:
+  """Raises ValueError naming the first bad field of config.data and what it allows. No I/O."""
+  _check_name(data_config.get("name"))
+  name = data_config.name
+  fields = FIELDS[name]
+  for field in fields:
+    if field not in data_config:
+      raise ValueError(f"config.data.{field} is missing: {name} needs {', '.join(fields)}; "
+                       f"start from default_data_config({name!r})")
+  for field in sorted(set(data_config.keys()) - set(fields)):
+    raise ValueError(f"config.data.{field} is not used by {name}, whose fields are "
+                     f"{', '.join(fields)}")
+  for field in fields[1:]:
+    is_valid, allowed = _RULES[field]
+    if not is_valid(data_config[field]):
+      raise ValueError(f"config.data.{field}={data_config[field]!r}: must be {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets. Each split is held as (images, labels) with random access by index from pure
+# TensorFlow: the arrays themselves for digits and cifar100, JPEG paths for imagenet100.
+
+
+@functools.cache
+def _digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{"train", "test"}: (float32 [n, 8, 8, 1] in [0, 1], int32 [n]), in the original order."""
+  digits = sklearn_datasets.load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  train, test = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)
+  splits = {"train": np.sort(train), "test": np.sort(test)}
+  return {split: (images[i], labels[i]) for split, i in splits.items()}
+
+
+def _digits_normalize(image: tf.Tensor) -> tf.Tensor:
+  train_images = _digits()["train"][0]
+  return (image - train_images.mean()) / train_images.std()
+
+
+def _data_dir(data_config) -> str:
+  return os.path.expanduser(data_config.data_dir or tfds.core.constants.DATA_DIR)
+
+
+def _cifar100_builder(data_config) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder. Checked first because tfds.load, offline, would retry the
+  download for minutes before failing."""
+  builder = tfds.builder("cifar100", data_dir=data_config.data_dir)
+  if not builder.is_prepared():
+    data_dir = _data_dir(data_config)
+    raise DatasetNotFoundError(
+        f"cifar100 is not prepared: tfds found no dataset in {builder.data_dir} "
+        f"(config.data.data_dir={data_config.data_dir!r}). Training never downloads. Prepare it "
+        "once on a machine with internet access:\n"
+        "  python -c \"import tensorflow_datasets as tfds; tfds.builder('cifar100', "
+        f"data_dir='{data_dir}').download_and_prepare()\"\n"
+        f"then copy {os.path.join(data_dir, 'cifar100')} to this machine if needed, or point "
+        "config.data.data_dir at a tfds data dir that holds cifar100.")
+  return builder
+
+
+def _imagenet100_dir(data_config) -> str:
+  root = prepare_imagenet100.dataset_dir(data_config.data_dir)
+  if not prepare_imagenet100.is_prepared(root):
+    manual_dir = data_config.manual_dir or "<folder with ILSVRC2012_img_{train,val}.tar>"
+    raise DatasetNotFoundError(
+        f"imagenet100 is not prepared: {os.path.join(root, prepare_imagenet100.METADATA)} does "
+        f"not exist (config.data.data_dir={data_config.data_dir!r}). Build it once from the "
+        "ImageNet-2012 download (tfds imagenet2012, manual download):\n"
+        f"  python -m hetscale_jax.prepare_imagenet100 --manual_dir {manual_dir} "
+        f"--data_dir {_data_dir(data_config)}")
+  return root
+
+
+def _load_split(data_config, split: str) -> tuple[np.ndarray | list[str], np.ndarray]:
+  """(images or JPEG paths, int32 labels) of a split; DatasetNotFoundError before any reading."""
+  if data_config.name == "digits":
+    return _digits()[split]
+  if data_config.name == "cifar100":
+    builder = _cifar100_builder(data_config)
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    return data["image"], data["label"].astype(np.int32)
+  return prepare_imagenet100.read_split(_imagenet100_dir(data_config), split)
+
+
+def dataset_info(data_config) -> DatasetInfo:
+  """Sizes and shapes, from metadata only; DatasetNotFoundError if the data is missing."""
+  validate_data_config(data_config)
+  name = data_config.name
+  if name == "digits":
+    (train_images, _), (_, test_labels) = _digits()["train"], _digits()["test"]
+    return DatasetInfo(name, 10, train_images.shape[1:], len(train_images), len(test_labels))
+  shape = (data_config.image_size, data_config.image_size, 3)
+  if name == "cifar100":
+    info = _cifar100_builder(data_config).info
+    return DatasetInfo(name, info.features["label"].num_classes, shape,
+                       info.splits["train"].num_examples, info.splits["test"].num_examples)
+  metadata = prepare_imagenet100.read_metadata(_imagenet100_dir(data_config))
+  return DatasetInfo(name, len(metadata["wnids"]), shape, metadata["num_examples"]["train"],
+                     metadata["num_examples"]["validation"])
+
+
+def steps_per_epoch(data_config, global_batch_size: int) -> int:
+  """num_train // global_batch_size: the last, partial batch of an epoch is dropped."""
+  num_train = dataset_info(data_config).num_train
+  if not 0 < global_batch_size <= num_train:
+    raise ValueError(f"global_batch_size={global_batch_size}: must be in [1, {num_train}], the "
+                     f"size of {data_config.name}'s train split")
+  return num_train // global_batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: raw example (an image, or JPEG bytes for imagenet100) -> float32 [H, W, C].
+
+
+def train_transform(data_config) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+  """(raw example, seed [2]) -> augmented, normalised image; raw is what the split holds."""
+  if data_config.name == "digits":
+    return lambda image, seed: _digits_normalize(
+        augment.random_translate(image, seed, DIGITS_MAX_SHIFT))
+  return functools.partial(
+      augment.deit_train, size=data_config.image_size,
+      crop_scale_min=data_config.crop_scale_min, hflip=data_config.hflip,
+      randaugment_layers=data_config.randaugment_layers,
+      randaugment_magnitude=data_config.randaugment_magnitude,
+      randaugment_mstd=data_config.randaugment_mstd,
+      random_erasing_prob=data_config.random_erasing)
+
+
+def eval_transform(data_config) -> Callable[[tf.Tensor], tf.Tensor]:
+  """Raw example -> the deterministic eval image, normalised."""
+  if data_config.name == "digits":
+    return _digits_normalize
+  return functools.partial(
+      augment.deit_eval, size=data_config.image_size, crop_ratio=data_config.eval_crop_ratio)
+
+
+def _read(images: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+  """Example `index`: the image itself, or the bytes of its JPEG file."""
+  image = tf.gather(images, index)
+  return tf.io.read_file(image) if image.dtype == tf.string else image
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and iterators.
+
+
+def _stream_seed(seed: int, stream: int, counter) -> tf.Tensor:
+  """A stateless seed [2] for element `counter` of random stream `stream`."""
+  key = tf.random.experimental.stateless_fold_in(tf.constant([0, seed], tf.int64), stream)
+  return tf.random.experimental.stateless_fold_in(key, tf.cast(counter, tf.int64))
+
+
+def batch_layout(global_batch_size: int, repeats: int) -> np.ndarray:
+  """Which of a global batch's draws fills each slot: draws j with j mod repeats = c fill the
+  c-th part, so the `repeats` consecutive copies of an image go to different parts."""
+  return np.concatenate([np.arange(c, global_batch_size, repeats) for c in range(repeats)])
+
+
+def global_batch_indices(step, *, num_examples: int, global_batch_size: int, repeats: int,
+                         seed: int) -> tf.Tensor:
+  """Train-split indices of every slot of global batch `step`, int64 [global_batch_size]."""
+  step = tf.cast(step, tf.int64)
+  epoch_steps = num_examples // global_batch_size
+  epoch, step_in_epoch = step // epoch_steps, step % epoch_steps
+  draws = step_in_epoch * global_batch_size + batch_layout(global_batch_size, repeats)
+  return tf.random.experimental.index_shuffle(
+      draws // repeats, seed=_stream_seed(seed, _PERMUTATION_STREAM, epoch),
+      max_index=num_examples - 1)
+
+
+def _local_batch(global_batch_size: int, process_index, process_count) -> tuple[int, int]:
+  """(this process's index, its batch size), from jax's view of the processes by default."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index}: must be in [0, {process_count})")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size}: must be a positive multiple of "
+                     f"process_count={process_count}")
+  return process_index, global_batch_size // process_count
+
+
+def _finish(ds: tf.data.Dataset, transform, local_batch_size: int, prefetch: int):
+  """Transforms the examples in parallel but in order, batches and prefetches."""
+  options = tf.data.Options()
+  options.deterministic = True  # Batches must not depend on thread timing.
+  options.threading.max_intra_op_parallelism = 1  # Parallelism comes from the per-example map.
+  ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(local_batch_size, drop_remainder=True).prefetch(prefetch).with_options(options)
+
+
+def train_batches(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Endless train batches from global step `start_step` on, this process's slice of each:
+  {"image": float32 [local, H, W, C] normalised, "label": int32 [local]}, local =
+  global_batch_size // process_count. Batch `step` depends only on (data_config, seed, step).
+  """
+  validate_data_config(data_config)
+  process_index, local = _local_batch(global_batch_size, process_index, process_count)
+  images, labels = _load_split(data_config, "train")
+  num_examples = len(labels)
+  if not 0 < global_batch_size <= num_examples:
+    raise ValueError(f"global_batch_size={global_batch_size}: must be in [1, {num_examples}], "
+                     f"the size of {data_config.name}'s train split")
+  images, labels = tf.constant(images), tf.constant(labels)
+  slots = np.arange(process_index * local, (process_index + 1) * local)
+  transform = train_transform(data_config)
+  sample_indices = functools.partial(
+      global_batch_indices, num_examples=num_examples, global_batch_size=global_batch_size,
+      repeats=data_config.repeated_augmentation, seed=seed)
+
+  def local_slots(step):
+    return tf.gather(sample_indices(step), slots), step * global_batch_size + slots
+
+  def example(index, position):
+    augmentation_seed = _stream_seed(seed, _AUGMENTATION_STREAM, position)
+    return {"image": transform(_read(images, index), augmentation_seed),
+            "label": tf.gather(labels, index)}
+
+  steps = tf.data.Dataset.counter(start_step).map(local_slots).unbatch()
+  return _finish(steps, example, local, data_config.prefetch).as_numpy_iterator()
+
+
+def eval_batches(data_config, *, global_batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split, this process's slice of each global batch: "image", "label"
+  and "mask" float32 [local] (0 for the padding of the last batch), so that every eval example
+  is counted exactly once over all processes.
+  """
+  validate_data_config(data_config)
+  process_index, local = _local_batch(global_batch_size, process_index, process_count)
+  images, labels = _load_split(data_config, EVAL_SPLIT[data_config.name])
+  num_examples = len(labels)
+  images, labels = tf.constant(images), tf.constant(labels)
+  num_batches = -(-num_examples // global_batch_size)
+  positions = (np.arange(num_batches)[:, None] * global_batch_size + process_index * local
+               + np.arange(local)).reshape(-1)
+  transform = eval_transform(data_config)
+
+  def example(position):
+    real = position < num_examples
+    index = tf.where(real, position, 0)
+    return {"image": transform(_read(images, index)), "label": tf.gather(labels, index),
+            "mask": tf.cast(real, tf.float32)}
+
+  positions = tf.data.Dataset.from_tensor_slices(positions)
+  return _finish(positions, example, local, data_config.prefetch).as_numpy_iterator()
