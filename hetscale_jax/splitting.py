@@ -31,6 +31,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hetscale_jax import layers
 
@@ -232,21 +233,38 @@ def lanczos_smallest(hvp, start: dict, restarts: dict, num_iters: int):
   betas = {p: jnp.zeros((num_iters, v.shape[0]), v.dtype) for p, v in start.items()}
   basis, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
 
+  theta, y = _smallest_ritz_pairs(alphas, betas, iters, num_iters)
   ritz = {}
   for p in start:
-    k = iters[p]
-    a = alphas[p][:k].T  # [m, k]
-    b = betas[p][:k - 1].T
-    tri = jnp.vectorize(jnp.diag, signature="(k)->(k,k)")(a)
-    if k > 1:
-      off = jnp.vectorize(lambda x: jnp.diag(x, 1), signature="(j)->(k,k)")(b)
-      tri = tri + off + jnp.swapaxes(off, -1, -2)
-    theta, y = jnp.linalg.eigh(tri)
-    vec = jnp.einsum("mk,kmn->mn", y[:, :, 0], basis[p][:k])
-    ritz[p] = (theta[:, 0], vec / jnp.linalg.norm(vec, axis=-1, keepdims=True))
+    vec = jnp.einsum("mk,kmn->mn", y[p], basis[p][:num_iters])
+    ritz[p] = (theta[p], vec / jnp.linalg.norm(vec, axis=-1, keepdims=True))
   sv = hvp({p: v for p, (_, v) in ritz.items()})
   return {p: (lam, v, jnp.linalg.norm(sv[p] - lam[:, None] * v, axis=-1), alphas[p][0])
           for p, (lam, v) in ritz.items()}
+
+
+def _smallest_ritz_pairs(alphas, betas, iters, num_iters):
+  """Smallest eigenpair of every neuron's Lanczos tridiagonal matrix, in ONE batched eigh.
+
+  One call on purpose: jaxlib's CPU eigh spreads its batch over the intra-op thread pool and
+  waits for it, and two such calls running side by side (one per layer) deadlocked on a
+  2-core machine. A layer with fewer iterations than num_iters is padded with a decoupled
+  diagonal above its spectrum, which never yields the smallest pair and gets weight 0.
+  """
+  tris = []
+  for p in alphas:
+    k = iters[p]
+    a = alphas[p].T  # [m, num_iters]
+    b = jnp.where(jnp.arange(num_iters - 1) < k - 1, betas[p][:-1].T, 0.0)
+    pad = 2 * jnp.max(jnp.abs(a[:, :k]), axis=1, keepdims=True) + 2 * jnp.max(b, initial=0.0) + 1
+    a = jnp.where(jnp.arange(num_iters) < k, a, pad)
+    tri = jnp.vectorize(jnp.diag, signature="(k)->(k,k)")(a)
+    off = jnp.vectorize(lambda x: jnp.diag(x, 1), signature="(j)->(k,k)")(b)
+    tris.append(tri + off + jnp.swapaxes(off, -1, -2))
+  theta, y = jnp.linalg.eigh(jnp.concatenate(tris))
+  sizes = np.cumsum([t.shape[0] for t in tris])[:-1]
+  return ({p: t[:, 0] for p, t in zip(alphas, jnp.split(theta, sizes))},
+          {p: v[:, :, 0] for p, v in zip(alphas, jnp.split(y, sizes))})
 
 
 def _random_unit_rows(key, shape, dtype):
