@@ -82,7 +82,8 @@ def _check_known_fields(config, reference, prefix="config"):
     name = f"{prefix}.{key}"
     if key not in reference:
       raise ConfigError(f"unknown config field {name}; fields of {prefix}: {sorted(reference.keys())}")
-    if isinstance(reference[key], ml_collections.ConfigDict):
+    if isinstance(reference[key], ml_collections.ConfigDict) and name != "config.data":
+      # config.data's fields depend on the dataset: input_pipeline checks them.
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise ConfigError(f"{name} must be a group of fields {sorted(reference[key].keys())}")
       _check_known_fields(config[key], reference[key], name)
@@ -100,15 +101,18 @@ def _per_block(value, depth) -> bool:
 
 
 def validate(config) -> None:
-  """Raises ConfigError naming the first bad field. Pure: no I/O, no devices."""
-  _check_known_fields(config, base_config(config.data.name if "data" in config else "digits"))
+  """Raises ConfigError naming the first bad field. Pure: no I/O, no devices.
+
+  What needs the data (model.patch_size dividing the image size) is checked by
+  `check_against_data` once the dataset's metadata is read, still before any work.
+  """
+  _check_known_fields(config, base_config())
   m, g, o = config.model, config.growth, config.optim
   _require(m.variant in ("Ti", "S", "B"), "model.variant", m.variant, "choose Ti, S or B")
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {DTYPES}")
   _require(m.unit_activation in layers.ACTIVATIONS, "model.unit_activation", m.unit_activation,
            f"choose one of {sorted(layers.ACTIVATIONS)}")
-  _require(m.patch_size > 0 and config.data.image_size % m.patch_size == 0, "model.patch_size",
-           m.patch_size, f"must divide config.data.image_size={config.data.image_size}")
+  _require(m.patch_size > 0, "model.patch_size", m.patch_size, "must be > 0")
   for field in ("width", "depth", "num_heads"):
     _require(m[field] is None or m[field] > 0, f"model.{field}", m[field], "must be > 0 (or unset)")
   for field in ("head_dim", "mlp_dim"):
@@ -130,7 +134,10 @@ def validate(config) -> None:
   for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _require(config[field] >= 1, field, config[field], "must be >= 1")
   _require(config.eval_every_epochs > 0, "eval_every_epochs", config.eval_every_epochs, "must be > 0")
-  input_pipeline.validate_data_config(config.data)
+  try:
+    input_pipeline.validate_data_config(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
   if not g.enabled:
     return
@@ -154,6 +161,14 @@ def validate(config) -> None:
   _require(g.num_iters >= 1, "growth.num_iters", g.num_iters, "must be >= 1")
   _require(g.method in splitting.METHODS, "growth.method", g.method,
            f"choose one of {splitting.METHODS}")
+
+
+def check_against_data(config, info: input_pipeline.DatasetInfo) -> None:
+  size = info.image_shape[0]
+  _require(size % config.model.patch_size == 0, "model.patch_size", config.model.patch_size,
+           f"must divide the {info.name} image size {size}")
+  _require(config.batch_size <= info.num_train, "batch_size", config.batch_size,
+           f"must be at most the {info.num_train} {info.name} training images")
 
 
 # ---------------------------------------------------------------------------- sizing helpers

@@ -280,6 +280,7 @@ def enable_compilation_cache(config):
 def train_and_evaluate(config, workdir: str) -> dict:
   config_lib.validate(config)
   info = input_pipeline.dataset_info(config.data)  # fails at once if the data is missing
+  config_lib.check_against_data(config, info)
   enable_compilation_cache(config)
   os.makedirs(workdir, exist_ok=True)
   steps_per_epoch = input_pipeline.steps_per_epoch(config.data, config.batch_size)
