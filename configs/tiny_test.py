@@ -15,7 +15,8 @@ def get_config():
   c.model.drop_path_rate = 0.0
   c.batch_size = 32
   c.num_epochs = 2
-  c.optim.base_lr = 4e-3
+  c.optim.base_lr = 5e-2
+  c.mixup.prob = 0.0
   c.optim.warmup_epochs = 0.5
   c.growth.enabled = True
   c.growth.epochs = (0.5, 1.0)

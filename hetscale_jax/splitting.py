@@ -178,9 +178,34 @@ def local_hvp(x_tilde, z, g, vecs, activation: str):
   return jax.jvp(jax.grad(local_loss), (jnp.zeros_like(vecs),), (vecs,))[1]
 
 
+def group_layers(shapes: dict[LayerPath, tuple]) -> dict[tuple, list[LayerPath]]:
+  """Layers sharing a key (e.g. (d_out, d_in, activation)), so one batched op serves them all:
+  the qkv layers of every block of a uniform DeiT form one group."""
+  groups = {}
+  for path in sorted(shapes):
+    groups.setdefault(shapes[path], []).append(path)
+  return groups
+
+
+def stack_groups(tree: dict[LayerPath, Any], groups) -> dict[tuple, Any]:
+  return {key: jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[p] for p in paths])
+          for key, paths in groups.items()}
+
+
+def unstack_groups(tree: dict[tuple, Any], groups) -> dict[LayerPath, Any]:
+  return {p: jax.tree.map(lambda x, i=i: x[i], tree[key])
+          for key, paths in groups.items() for i, p in enumerate(paths)}
+
+
 def collected_hvp(stats, activations: dict[LayerPath, str]):
+  """V -> {path: S V} from collected statistics, one vmapped product per group of layers."""
+  groups = group_layers({p: (x.shape, z.shape, activations[p]) for p, (x, z, _) in stats.items()})
+  stacked = stack_groups(stats, groups)
+
   def hvp(vecs):
-    return {p: local_hvp(*stats[p], vecs[p], activations[p]) for p in vecs}
+    products = {key: jax.vmap(functools.partial(local_hvp, activation=key[2]))(
+        *stacked[key], stack_groups(vecs, {key: paths})[key]) for key, paths in groups.items()}
+    return unstack_groups(products, groups)
   return hvp
 
 
@@ -189,20 +214,22 @@ def _rowdot(a, b):
 
 
 def _orthogonalise(w, basis):
-  """w [m, n] minus its projection on basis [k, m, n] (rows per neuron), done twice for
-  numerical orthogonality (classical Gram-Schmidt, twice is enough)."""
+  """w [..., n] minus its projection on basis [k, ..., n] (one basis per neuron), done twice
+  for numerical orthogonality (classical Gram-Schmidt, twice is enough)."""
   for _ in range(2):
-    w = w - jnp.einsum("km,kmn->mn", jnp.einsum("kmn,mn->km", basis, w), basis)
+    w = w - jnp.einsum("k...,k...n->...n", jnp.einsum("k...n,...n->k...", basis, w), basis)
   return w
 
 
 def lanczos_smallest(hvp, start: dict, restarts: dict, num_iters: int):
-  """Smallest eigenpair of every neuron's matrix, given hvp: {p: V [m, n]} -> {p: S V}.
+  """Smallest eigenpair of every neuron's matrix, given hvp: {p: V [..., n]} -> {p: S V}.
 
-  start[p] [m, n]: unit start vectors; restarts[p] [num_iters, m, n]: random vectors used to
-  continue the sequence where it breaks down (an invariant subspace was found). A layer with
-  n < num_iters has a complete basis after n vectors; only those enter its Ritz values.
-  Returns {p: (eigvals [m], eigvecs [m, n], residuals [m], start Rayleigh quotients [m])}.
+  Every entry p holds one n x n matrix per index of its leading dims (neurons, or layers x
+  neurons). start[p] [..., n]: unit start vectors; restarts[p] [num_iters, ..., n]: random
+  vectors that continue the sequence where it breaks down (an invariant subspace was found).
+  An entry with n < num_iters has a complete basis after n vectors; only those enter its
+  Ritz values. Returns {p: (eigvals [...], eigvecs [..., n], residuals [...], start
+  Rayleigh quotients [...])}.
   """
   dims = {p: v.shape[-1] for p, v in start.items()}
   iters = {p: min(num_iters, n) for p, n in dims.items()}
@@ -221,7 +248,7 @@ def lanczos_smallest(hvp, start: dict, restarts: dict, num_iters: int):
       broke = beta <= jnp.sqrt(eps) * jnp.maximum(jnp.maximum(scale, jnp.abs(alpha)), eps)
       fresh = _orthogonalise(restarts[p][i], basis[p])
       fresh = fresh / jnp.linalg.norm(fresh, axis=-1, keepdims=True)
-      nxt = jnp.where(broke[:, None], fresh, wp / jnp.where(broke, 1.0, beta)[:, None])
+      nxt = jnp.where(broke[..., None], fresh, wp / jnp.where(broke, 1.0, beta)[..., None])
       has_next = i + 1 < iters[p]
       new_basis[p] = basis[p].at[i + 1].set(jnp.where(has_next, nxt, 0.0))
       new_alphas[p] = alphas[p].at[i].set(alpha)
@@ -229,17 +256,17 @@ def lanczos_smallest(hvp, start: dict, restarts: dict, num_iters: int):
     return new_basis, new_alphas, new_betas
 
   basis = {p: jnp.zeros((num_iters + 1,) + v.shape, v.dtype).at[0].set(v) for p, v in start.items()}
-  alphas = {p: jnp.zeros((num_iters, v.shape[0]), v.dtype) for p, v in start.items()}
-  betas = {p: jnp.zeros((num_iters, v.shape[0]), v.dtype) for p, v in start.items()}
+  alphas = {p: jnp.zeros((num_iters,) + v.shape[:-1], v.dtype) for p, v in start.items()}
+  betas = {p: jnp.zeros((num_iters,) + v.shape[:-1], v.dtype) for p, v in start.items()}
   basis, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
 
   theta, y = _smallest_ritz_pairs(alphas, betas, iters, num_iters)
   ritz = {}
   for p in start:
-    vec = jnp.einsum("mk,kmn->mn", y[p], basis[p][:num_iters])
+    vec = jnp.einsum("...k,k...n->...n", y[p], basis[p][:num_iters])
     ritz[p] = (theta[p], vec / jnp.linalg.norm(vec, axis=-1, keepdims=True))
   sv = hvp({p: v for p, (_, v) in ritz.items()})
-  return {p: (lam, v, jnp.linalg.norm(sv[p] - lam[:, None] * v, axis=-1), alphas[p][0])
+  return {p: (lam, v, jnp.linalg.norm(sv[p] - lam[..., None] * v, axis=-1), alphas[p][0])
           for p, (lam, v) in ritz.items()}
 
 
@@ -254,8 +281,9 @@ def _smallest_ritz_pairs(alphas, betas, iters, num_iters):
   tris = []
   for p in alphas:
     k = iters[p]
-    a = alphas[p].T  # [m, num_iters]
-    b = jnp.where(jnp.arange(num_iters - 1) < k - 1, betas[p][:-1].T, 0.0)
+    a = jnp.moveaxis(alphas[p], 0, -1).reshape(-1, num_iters)  # [neurons, num_iters]
+    b = jnp.moveaxis(betas[p], 0, -1).reshape(-1, num_iters)[:, :-1]
+    b = jnp.where(jnp.arange(num_iters - 1) < k - 1, b, 0.0)
     pad = 2 * jnp.max(jnp.abs(a[:, :k]), axis=1, keepdims=True) + 2 * jnp.max(b, initial=0.0) + 1
     a = jnp.where(jnp.arange(num_iters) < k, a, pad)
     tri = jnp.vectorize(jnp.diag, signature="(k)->(k,k)")(a)
@@ -263,8 +291,10 @@ def _smallest_ritz_pairs(alphas, betas, iters, num_iters):
     tris.append(tri + off + jnp.swapaxes(off, -1, -2))
   theta, y = jnp.linalg.eigh(jnp.concatenate(tris))
   sizes = np.cumsum([t.shape[0] for t in tris])[:-1]
-  return ({p: t[:, 0] for p, t in zip(alphas, jnp.split(theta, sizes))},
-          {p: v[:, :, 0] for p, v in zip(alphas, jnp.split(y, sizes))})
+  shapes = {p: alphas[p].shape[1:] for p in alphas}
+  return ({p: t[:, 0].reshape(shapes[p]) for p, t in zip(alphas, jnp.split(theta, sizes))},
+          {p: v[:, :, 0].reshape(shapes[p] + (num_iters,))
+           for p, v in zip(alphas, jnp.split(y, sizes))})
 
 
 def _random_unit_rows(key, shape, dtype):
@@ -289,7 +319,13 @@ def _spectrum(loss_fn, variables, batch, rng, num_iters, method):
     k1, k2 = jax.random.split(jax.random.fold_in(rng, i))
     start[p] = _random_unit_rows(k1, (s["d_out"], s["d_in"] + 1), dtype)
     restarts[p] = _random_unit_rows(k2, (num_iters, s["d_out"], s["d_in"] + 1), dtype)
-  pairs = lanczos_smallest(hvp, start, restarts, num_iters)
+  # Lanczos runs on groups of same-shaped layers: far fewer ops to compile for deep models.
+  groups = group_layers({p: (s["d_out"], s["d_in"], s["activation"]) for p, s in shapes.items()})
+  restart_groups = {key: jnp.stack([restarts[p] for p in paths], axis=1)
+                    for key, paths in groups.items()}
+  pairs = unstack_groups(lanczos_smallest(
+      lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
+      stack_groups(start, groups), restart_groups, num_iters), groups)
   scales = input_scales(loss_fn, variables, batch)
   return {p: Spectrum(eigvals=lam, eigvecs=v, residuals=res, input_scale=scales[p],
                       start_dirs=start[p], start_rayleigh=rayleigh)
