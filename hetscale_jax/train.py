@@ -141,7 +141,7 @@ def make_train_step(model, tx, config, num_classes: int):
       return cross_entropy(logits, targets)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite step changes nothing; the host stops at its next check, naming the step.
@@ -331,7 +331,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       after = param_count(state.params)
       eig = eigenvalue_summary(spectrum)
       print(describe_event(step, plan, eig, before, after, seconds_spectrum, compiled.seconds), flush=True)
-      record = {"params_before": before, "params_after": after, "grown": plan.counts(),
+      record = {"params_before": before, "params_after": after, "plan_params": plan.num_params,
+                "grown": plan.counts(),
                 "rule": plan.rule, "seconds_spectrum": seconds_spectrum,
                 "seconds_compile": compiled.seconds, "eigenvalues": eig}
       growth_log.append({"step": step, **record})

@@ -1,0 +1,99 @@
+"""Configs: every shipped config validates, bad values name their field, sizes are exact."""
+
+import importlib.util
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hetscale_jax import config_lib
+from hetscale_jax.models import deit
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name, *args):
+  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+@pytest.mark.parametrize("name", ["default", "tiny_test", "deit_s_in100", "deit_s_cifar100"])
+def test_shipped_configs_validate(name):
+  config_lib.validate(load_config(name))
+
+
+@pytest.mark.parametrize("variant", config_lib.PAPER_VARIANTS)
+def test_paper_variants_validate(variant):
+  config_lib.validate(load_config("deit_s_in100", variant))
+
+
+def test_paper_configs_start_reduced_and_grow_to_ninety_percent_of_deit_s():
+  full = config_lib.deit_param_count("S", num_classes=100, img_size=224)
+  grown = load_config("deit_s_in100")
+  reduced = config_lib.deit_param_count("S", num_classes=100, img_size=224,
+                                        head_dim=grown.model.head_dim, mlp_dim=grown.model.mlp_dim)
+  assert reduced < grown.growth.target_params == int(0.9 * full)
+  uniform = load_config("deit_s_in100", "static_uniform")
+  same_size = config_lib.deit_param_count("S", num_classes=100, img_size=224,
+                                          head_dim=uniform.model.head_dim, mlp_dim=uniform.model.mlp_dim)
+  # The uniformly scaled baseline is within one head-dim step of the grown model's size.
+  assert abs(same_size - grown.growth.target_params) < 0.02 * full
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(variant="Ti", depth=3, head_dim=(8, 16, 24), mlp_dim=(32, 64, 96), patch_size=4,
+         img_size=16, num_classes=10, channels=1),
+])
+def test_closed_form_param_count_matches_the_model(overrides):
+  variant = overrides.pop("variant", "S")
+  sizes = dict(num_classes=overrides.pop("num_classes", 1000), img_size=overrides.pop("img_size", 224))
+  channels = overrides.pop("channels", 3)
+  model = deit.create(variant, **sizes, **overrides)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, sizes["img_size"], sizes["img_size"], channels)))
+  counted = sum(x.size for x in jax.tree.leaves(shapes["params"]))
+  assert config_lib.deit_param_count(variant, channels=channels, **sizes, **overrides) == counted
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.variant", "XL", "config.model.variant='XL'"),
+    ("model.dtype", "float16", "config.model.dtype"),
+    ("model.mlp_dim", (64, 64), "config.model.mlp_dim"),
+    ("batch_size", 0, "config.batch_size=0"),
+    ("optim.warmup_epochs", 50.0, "config.optim.warmup_epochs"),
+    ("mixup.prob", 1.5, "config.mixup.prob"),
+    ("growth.budget_per_event", -5, "config.growth.budget_per_event=-5"),
+    ("growth.epochs", (8.0, 400.0), "config.growth.epochs"),
+    ("growth.epochs", (16.0, 8.0), "must be increasing"),
+    ("growth.rule", "best", "config.growth.rule='best'"),
+    ("growth.layers", ("qkv", "head"), "config.growth.layers"),
+    ("growth.method", "dense", "config.growth.method"),
+    ("data.repeated_augmentation", 0, "config.data.repeated_augmentation"),
+])
+def test_bad_values_name_the_field(field, value, message):
+  config = load_config("default")
+  group, _, name = field.rpartition(".")
+  (config[group] if group else config)[name] = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    config_lib.validate(config)
+
+
+def test_both_budgets_or_neither_is_an_error():
+  config = load_config("default")
+  config.growth.budget_per_event = 1000
+  with pytest.raises(config_lib.ConfigError, match="exactly one of growth.budget_per_event"):
+    config_lib.validate(config)
+
+
+def test_unknown_field_is_named_with_the_allowed_ones():
+  config = load_config("default")
+  with config.growth.unlocked():
+    config.growth.budjet = 5
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config field config\.growth\.budjet"):
+    config_lib.validate(config)
+
