@@ -7,10 +7,14 @@ Any config field can be overridden: `--config.num_epochs=10 --config.growth.rule
 import os
 import sys
 
+# TensorFlow only feeds data here: keep its start-up chatter out of the progress lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import tensorflow as tf
 
 from hetscale_jax import config_lib
 from hetscale_jax import input_pipeline
@@ -26,6 +30,8 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go "
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  # tf.data only: a full TensorFlow install would otherwise reserve the GPUs' memory.
+  tf.config.set_visible_devices([], "GPU")
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
