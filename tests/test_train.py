@@ -73,7 +73,8 @@ def test_mix_batch_with_prob_zero_changes_nothing():
   assert (mixed == images).all() and (mixed_targets == targets).all()
 
 
-def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch():
+def compiled_tiny_step():
+  """(compiled train step, initial state, one training batch) of the tiny config."""
   config = tiny_config()
   info = input_pipeline.dataset_info(config.data)
   model = train.create_model(config, info)
@@ -84,6 +85,11 @@ def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch():
       config.data, global_batch_size=config.batch_size, seed=0)))
   step = train.compile_train_step(train.make_train_step(model, tx, config, info.num_classes),
                                   mesh, state, batch)
+  return step, state, batch
+
+
+def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch():
+  step, state, batch = compiled_tiny_step()
   losses = []
   for _ in range(25):
     state, metrics = step.fn(state, batch)
@@ -94,16 +100,7 @@ def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch():
 
 
 def test_non_finite_step_is_skipped_and_reported_with_its_step():
-  config = tiny_config()
-  info = input_pipeline.dataset_info(config.data)
-  model = train.create_model(config, info)
-  tx = train.create_optimizer(config, steps_per_epoch=10)
-  mesh = sharding.make_mesh(1)
-  state = train.init_state(config, model, tx, info)
-  batch = sharding.global_batch(mesh, next(input_pipeline.train_batches(
-      config.data, global_batch_size=config.batch_size, seed=0)))
-  step = train.compile_train_step(train.make_train_step(model, tx, config, info.num_classes),
-                                  mesh, state, batch)
+  step, state, batch = compiled_tiny_step()
   state, _ = step.fn(state, batch)
   params_before = jax.device_get(state.params)
   bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))

@@ -39,6 +39,12 @@ def _at_least_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _growable_dense(dtype, unit_activation: str):
+  """The qkv/proj/fc1/fc2 layer: GrowableDense with DeiT's init."""
+  return functools.partial(GrowableDense, dtype=dtype, kernel_init=_trunc_normal,
+                           unit_activation=unit_activation)
+
+
 class Attention(nn.Module):
   """timm's multi-head self-attention, with heads * head_dim free of the model width."""
 
@@ -49,8 +55,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = functools.partial(GrowableDense, dtype=self.dtype, kernel_init=_trunc_normal,
-                              unit_activation=self.unit_activation)
+    dense = _growable_dense(self.dtype, self.unit_activation)
     b, n, d = x.shape
     qkv = dense(3 * self.num_heads * self.head_dim, name="qkv")(x)
     # timm's layout: the qkv features are (3, heads, head_dim), in that order.
@@ -69,8 +74,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = functools.partial(GrowableDense, dtype=self.dtype, kernel_init=_trunc_normal,
-                              unit_activation=self.unit_activation)
+    dense = _growable_dense(self.dtype, self.unit_activation)
     y = dense(self.mlp_dim, name="fc1")(x)
     y = nn.gelu(y, approximate=False)
     return dense(x.shape[-1], name="fc2")(y)
