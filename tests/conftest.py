@@ -1,0 +1,223 @@
+"""Shared fixtures and independent reference computations for the numerical tests.
+
+The references here (layer statistics, explicit splitting matrices, GELU's second derivative)
+are written without the code under test, so that a test comparing the two can fail.
+"""
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hetscale_jax.layers import GrowableDense
+from hetscale_jax.models import deit
+
+
+@contextlib.contextmanager
+def enable_x64():
+  """float64 within the context (for module-scoped fixtures); the previous setting after."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def x64():
+  """Enables float64 for one test and restores the previous setting afterwards."""
+  with enable_x64():
+    yield
+
+
+def cast_floats(tree, dtype):
+  """Every floating leaf of `tree` in `dtype` (integer leaves such as unit indices stay)."""
+  return jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# A small non-DeiT model: token-wise MLP built from GrowableDense, per-token cross-entropy.
+
+
+class TokenMLP(nn.Module):
+  """[batch, tokens, d_in] -> per-token logits, through GrowableDense layers and GELU."""
+
+  hidden: tuple[int, ...] = (7, 6)
+  num_classes: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate(self.hidden):
+      x = nn.gelu(GrowableDense(width, name=f"dense_{i}")(x), approximate=False)
+    return GrowableDense(self.num_classes, name="out")(x)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+  """A model, its variables, a probe batch and a deterministic loss_fn(variables, batch)."""
+  model: nn.Module
+  variables: Any
+  batch: Any
+  loss_fn: Callable
+  make_batch: Callable  # seed -> another batch of the same shape
+
+
+def _cross_entropy_loss(model):
+  # One function object per model, so that jit's static-argument cache sees a stable loss_fn.
+  def loss_fn(variables, batch):
+    inputs, labels = batch
+    logits = model.apply(variables, inputs)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return loss_fn
+
+
+def memoised_per_x64(build):
+  """Memoises build(...) per argument values and x64 setting (arrays made with and without
+  x64 differ), and refuses float64 without x64, which JAX would silently make float32."""
+  cached = functools.lru_cache(maxsize=None)(lambda x64, *args, **kwargs: build(*args, **kwargs))
+
+  @functools.wraps(build)
+  def wrapper(*args, **kwargs):
+    dtype = kwargs.get("dtype", args[0] if args else jnp.float32)
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+      raise RuntimeError("float64 problem requested without x64: use the x64 fixture")
+    return cached(bool(jax.config.jax_enable_x64), *args, **kwargs)
+  return wrapper
+
+
+@memoised_per_x64
+def make_mlp(dtype=jnp.float32, d_in=5, hidden=(7, 6), num_classes=4, batch_size=2,
+             tokens=3, seed=0) -> Problem:
+  """6 probe tokens: d_in + 1 is 6, 8, 7 for the three layers, so the first layer's S_j are
+  (generically) full rank and the others' rank-deficient: Lanczos breaks down and restarts."""
+  model = TokenMLP(hidden=hidden, num_classes=num_classes)
+
+  def make_batch(batch_seed):
+    k1, k2 = jax.random.split(jax.random.key(1000 + batch_seed))
+    inputs = jax.random.normal(k1, (batch_size, tokens, d_in), dtype)
+    labels = jax.random.randint(k2, (batch_size, tokens), 0, num_classes)
+    return inputs, labels
+
+  batch = make_batch(seed)
+  # jit: one compile instead of eager op-by-op initialisation (seconds for a DeiT).
+  variables = cast_floats(jax.jit(model.init)(jax.random.key(seed), batch[0]), dtype)
+  # Larger weights than lecun init so that GELU's curvature varies across tokens.
+  variables = jax.tree.map(lambda a: 2.0 * a, variables)
+  return Problem(model, variables, batch, _cross_entropy_loss(model), make_batch)
+
+
+@pytest.fixture
+def mlp():
+  """Factory: mlp(dtype=..., **sizes) -> Problem (call it after x64 is enabled for float64).
+
+  Memoised: the same arguments give the same Problem, hence the same loss_fn object, so the
+  jitted spectrum compiled by one test is reused by the next (compiling dominates test time).
+  """
+  return make_mlp
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny DeiT with cross-entropy on the class token.
+
+TINY_DEIT = dict(width=8, depth=2, num_heads=2, mlp_dim=16, patch_size=4)
+TINY_IMG, TINY_CLASSES = 8, 5
+
+
+@memoised_per_x64
+def make_deit(dtype=jnp.float32, batch_size=2, img_size=TINY_IMG, num_classes=TINY_CLASSES,
+              seed=0, **overrides) -> Problem:
+  """deit.create("Ti", ...) with small widths; float64 casts the params and the activations."""
+  model = deit.create("Ti", num_classes=num_classes, img_size=img_size,
+                      **{**TINY_DEIT, "dtype": dtype, **overrides})
+
+  def make_batch(batch_seed):
+    k1, k2 = jax.random.split(jax.random.key(2000 + batch_seed))
+    images = jax.random.normal(k1, (batch_size, img_size, img_size, 3), dtype)
+    labels = jax.random.randint(k2, (batch_size,), 0, num_classes)
+    return images, labels
+
+  batch = make_batch(seed)
+  variables = cast_floats(jax.jit(model.init)(jax.random.key(seed), batch[0]), dtype)
+
+  def loss_fn(variables, batch):
+    images, labels = batch
+    logits = model.apply(variables, images, train=False)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return Problem(model, variables, batch, loss_fn, make_batch)
+
+
+@pytest.fixture
+def tiny_deit():
+  """Factory: tiny_deit(dtype=..., **overrides) -> Problem."""
+  return make_deit
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent references.
+
+
+def gelu_second_derivative(z):
+  """d^2/dz^2 of z * Phi(z) = phi(z) * (2 - z^2), written out rather than differentiated
+  (NumPy float64, so it does not depend on JAX's x64 setting)."""
+  z = np.asarray(z, np.float64)
+  return np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi) * (2.0 - z * z)
+
+
+def capture_layer_statistics(loss_fn, variables, batch):
+  """{path: (x~ [T, d_in+1], z [T, d_out], g [T, d_out])} for every GrowableDense.
+
+  Own capture (not hetscale_jax.splitting): an interceptor adds a named zero to each layer's
+  output, and jax.grad of the loss with respect to those zeros is g = dL/dy.
+  """
+  def run(perturbations):
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      module = context.module
+      if context.method_name == "__call__" and isinstance(module, GrowableDense):
+        path = "/".join(module.path)
+        x = args[0]
+        x_tilde = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+        seen[path] = (x_tilde, out)
+        if perturbations is not None:
+          out = out + perturbations[path]
+      return out
+
+    with nn.intercept_methods(interceptor):
+      loss = loss_fn(variables, batch)
+    return loss, seen
+
+  shapes = jax.eval_shape(lambda: run(None)[1])
+  zeros = {p: jnp.zeros(y.shape, y.dtype) for p, (_, y) in shapes.items()}
+  # jit: eager op-by-op dispatch of a whole model is far slower than one compile.
+  grads, seen = jax.jit(jax.grad(run, has_aux=True))(zeros)
+  flat = lambda a: np.asarray(a).reshape(-1, a.shape[-1])
+  return {p: (flat(x), flat(y), flat(grads[p])) for p, (x, y) in seen.items()}
+
+
+def explicit_splitting_matrices(stats, neurons=None):
+  """{path: S [d_out (or len(neurons)), d_in+1, d_in+1]} = sum_t g s''(z) x~ x~^T (float64)."""
+  out = {}
+  for path, (x_tilde, z, g) in stats.items():
+    x_tilde, z, g = (np.asarray(a, np.float64) for a in (x_tilde, z, g))
+    if neurons is not None:
+      z, g = z[:, neurons[path]], g[:, neurons[path]]
+    weight = g * gelu_second_derivative(z)
+    # One BLAS product per neuron: (x~ * w_j)^T x~.
+    out[path] = np.stack([(x_tilde * w[:, None]).T @ x_tilde for w in weight.T])
+  return out
+
+
+def relative_error(actual, expected):
+  return float(np.max(np.abs(np.asarray(actual) - np.asarray(expected)))
+               / np.max(np.abs(np.asarray(expected))))

@@ -1,0 +1,133 @@
+"""GrowableDense: equal to nn.Dense without units; units are exact at a = 0, second order in
+split mode, and stages stack in order."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from conftest import gelu_second_derivative
+from hetscale_jax import layers
+from hetscale_jax.layers import GrowableDense, unit_param_names
+
+D_IN, D_OUT = 5, 6
+
+
+def _inputs(dtype, shape=(2, 3, D_IN), seed=0):
+  return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def _variables_with_stages(base_params, stages):
+  """Variables of a GrowableDense with the given [(index, r, a), ...] unit stages."""
+  params = dict(base_params)
+  growth = {}
+  for k, (index, r, a) in enumerate(stages):
+    r_name, a_name, index_name = unit_param_names(k)
+    params[r_name], params[a_name] = r, a
+    growth[index_name] = jnp.asarray(index, jnp.int32)
+  return {"params": params, layers.GROWTH_COLLECTION: growth}
+
+
+def _base_params(dtype, seed=1):
+  params = nn.Dense(D_OUT).init(jax.random.key(seed), jnp.zeros((1, D_IN)))["params"]
+  params = jax.tree.map(lambda a: a.astype(dtype), params)
+  # A non-zero bias, so that the bias path is compared too.
+  return {**params, "bias": jax.random.normal(jax.random.key(seed + 1), (D_OUT,), dtype)}
+
+
+def _random_stage(index, seed, dtype, scale=0.7, gain=None):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  n = len(index)
+  r = scale * jax.random.normal(k1, (n, D_IN + 1), dtype)
+  a = jax.random.normal(k2, (n,), dtype) if gain is None else jnp.full((n,), gain, dtype)
+  return index, r, a
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_without_units_equals_flax_dense_bit_for_bit(dtype):
+  params = {"params": _base_params(jnp.float32)}
+  x = _inputs(jnp.float32)
+  expected = nn.Dense(D_OUT, dtype=dtype).apply(params, x)
+  actual = GrowableDense(D_OUT, dtype=dtype).apply(params, x)
+  assert actual.dtype == expected.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(actual, np.float32), np.asarray(expected, np.float32))
+
+
+def test_zero_gain_units_leave_output_unchanged(x64):
+  base = _base_params(jnp.float64)
+  x = _inputs(jnp.float64)
+  apply = jax.jit(GrowableDense(D_OUT).apply)  # one compile per variable structure
+  plain = apply({"params": base}, x)
+  # Two stages, neuron 3 in both: the second unit sits on the first's output.
+  stages = [_random_stage(np.array([1, 3]), 10, jnp.float64, gain=0.0),
+            _random_stage(np.array([3, 0, 5]), 11, jnp.float64, gain=0.0)]
+  grown = apply(_variables_with_stages(base, stages), x)
+  assert float(jnp.max(jnp.abs(grown - plain))) <= 1e-12
+  # The same stages with a non-zero gain do change the output: the units are really read.
+  live = [(i, r, jnp.ones_like(a)) for i, r, a in stages]
+  assert float(jnp.max(jnp.abs(apply(_variables_with_stages(base, live), x) - plain))) > 1e-3
+
+
+def test_split_mode_is_second_order_in_r(x64):
+  """a = 1, r = eps v: y_j = z_j + 1/2 s''(z_j) (r.x~)^2 + O(eps^4) on the grown neurons."""
+  base = _base_params(jnp.float64)
+  x = _inputs(jnp.float64, shape=(4, 7, D_IN))
+  apply = jax.jit(GrowableDense(D_OUT).apply)
+  z = np.asarray(apply({"params": base}, x))
+  x_tilde = np.concatenate([np.asarray(x), np.ones(x.shape[:-1] + (1,))], axis=-1)
+  index = np.array([0, 2, 5])
+  direction = np.asarray(jax.random.normal(jax.random.key(3), (len(index), D_IN + 1), jnp.float64))
+
+  def expansion_error(eps):
+    r = eps * direction
+    y = np.asarray(apply(_variables_with_stages(base, [(index, jnp.asarray(r), jnp.ones(3))]), x))
+    others = np.setdiff1d(np.arange(D_OUT), index)
+    np.testing.assert_array_equal(y[..., others], z[..., others])
+    second_order = 0.5 * gelu_second_derivative(z[..., index]) * np.einsum("...i,ni->...n", x_tilde, r) ** 2
+    return np.max(np.abs(y[..., index] - z[..., index] - second_order)), np.max(np.abs(second_order))
+
+  err_big, term_big = expansion_error(0.1)
+  err_small, _ = expansion_error(0.05)
+  assert err_big < 0.05 * term_big  # the second-order term describes the unit
+  # Halving eps divides a fourth-order remainder by 16.
+  assert 12 < err_big / err_small < 20, (err_big, err_small)
+
+
+def _gelu_numpy(z):
+  return 0.5 * z * (1.0 + special.erf(z / np.sqrt(2.0)))
+
+
+def _silu_numpy(z):
+  return z / (1.0 + np.exp(-z))
+
+
+@pytest.mark.parametrize("activation, reference", [("gelu", _gelu_numpy), ("silu", _silu_numpy)])
+def test_stages_apply_in_order(x64, activation, reference):
+  """A hand-written loop over units, stage after stage, in NumPy."""
+  base = _base_params(jnp.float64)
+  x = _inputs(jnp.float64)
+  stages = [_random_stage(np.array([4, 1]), 20, jnp.float64),
+            _random_stage(np.array([1, 2, 4]), 21, jnp.float64)]  # neurons 1 and 4 twice
+  layer = GrowableDense(D_OUT, unit_activation=activation)
+  actual = np.asarray(layer.apply(_variables_with_stages(base, stages), x))
+
+  def by_hand(ordered_stages):
+    xn = np.asarray(x)
+    x_tilde = np.concatenate([xn, np.ones(xn.shape[:-1] + (1,))], axis=-1)
+    y = xn @ np.asarray(base["kernel"]) + np.asarray(base["bias"])
+    for index, r, a in ordered_stages:
+      for n, j in enumerate(index):
+        z, p = y[..., j].copy(), x_tilde @ np.asarray(r[n])
+        y[..., j] = z + float(a[n]) * (0.5 * reference(z + p) + 0.5 * reference(z - p) - reference(z))
+    return y
+
+  np.testing.assert_allclose(actual, by_hand(stages), rtol=0, atol=1e-12)
+  # The order matters (so the comparison above can tell): the reversed order differs.
+  assert np.max(np.abs(actual - by_hand(stages[::-1]))) > 1e-4
+
+
+def test_unknown_unit_activation_raises():
+  with pytest.raises(ValueError, match="unknown unit activation"):
+    layers.activation_fn("relu6")
