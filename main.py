@@ -2,8 +2,11 @@
 
 With no flags it trains and grows a small DeiT on the embedded digits data in minutes on CPU.
 Any config field can be overridden: `--config.num_epochs=10 --config.growth.rule=random`.
+Running the same command again resumes the run from its workdir's newest checkpoint; a workdir
+of another run is refused, and --fresh starts a new run in a new sub-workdir of it instead.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -16,7 +19,9 @@ from absl import logging
 from ml_collections import config_flags
 import tensorflow as tf
 
+from hetscale_jax import checkpoint
 from hetscale_jax import config_lib
+from hetscale_jax import distributed
 from hetscale_jax import input_pipeline
 from hetscale_jax import train
 
@@ -25,20 +30,34 @@ config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "default.py"), "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go "
                     "(default: workdirs/<config name>).")
+flags.DEFINE_bool("fresh", False, "Start a new run even if --workdir holds one: in a new "
+                  "sub-workdir <workdir>/fresh_<n>, leaving what is there untouched.")
+
+
+def _not_orbax_info(record) -> bool:
+  # orbax logs dozens of INFO lines per checkpoint; its warnings and errors still show.
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  # Before anything touches a device: one process of a multi-host run joins the others here.
+  distributed.maybe_initialize()
+  logging.get_absl_handler().addFilter(_not_orbax_info)
   # tf.data only: a full TensorFlow install would otherwise reserve the GPUs' memory.
   tf.config.set_visible_devices([], "GPU")
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  if flags.FLAGS.fresh:
+    workdir = checkpoint.fresh_workdir(workdir)
+    print(f"fresh run in {workdir} (to resume it: --workdir {workdir}, without --fresh)")
   logging.info("config:\n%s", config)
   try:
     train.train_and_evaluate(config, workdir)
-  except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError) as e:
+  except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, checkpoint.WorkdirError,
+          checkpoint.CheckpointError, train.NonFiniteError) as e:
     sys.exit(f"error: {e}")
 
 

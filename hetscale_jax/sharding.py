@@ -8,6 +8,7 @@ a growth event adds get their shardings the same way.
 """
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -49,3 +50,16 @@ def global_batch(mesh: Mesh, local_batch):
   """Assembles each process's numpy batch into one global array sharded over the mesh."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def host_value(tree):
+  """Every leaf's whole value as numpy, on every process.
+
+  jax.device_get only reads arrays whose every shard this process holds (or a replica of
+  them); an array sharded over the devices of several processes is gathered first.
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(get, tree)

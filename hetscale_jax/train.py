@@ -1,14 +1,18 @@
 """Training with growth events: the DeiT recipe (DESIGN section 7) plus section 4's schedule.
 
-    train_and_evaluate(config, workdir) -> final summary dict
+    train_and_evaluate(config, workdir) -> final summary dict (None if stopped early)
 
 At a growth event the next training batches serve as the probe (no extra iterations), the
 spectrum is computed, neurons are selected and grown, the optimizer state is migrated and
 the train step is compiled anew for the grown parameter tree.
+
+Re-running on the same workdir resumes from its newest checkpoint, grown architecture included
+(checkpoint.py): every N steps, after each growth event and on SIGTERM the state is saved.
 """
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -22,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hetscale_jax import config_lib, grow, input_pipeline, optim, sharding, spec, writers
+from hetscale_jax import (checkpoint, config_lib, grow, input_pipeline, optim, plots, sharding,
+                          spec, writers)
 from hetscale_jax.models import deit
 
 
@@ -198,7 +203,7 @@ def evaluate(eval_step, variables, config, mesh) -> dict:
   for local_batch in input_pipeline.eval_batches(config.data, global_batch_size=config.batch_size):
     sums = eval_step(variables, sharding.global_batch(mesh, local_batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+  totals = sharding.host_value(totals)
   count = float(totals["count"])
   return {"loss": float(totals["loss"]) / count, "top1": float(totals["top1"]) / count,
           "top5": float(totals["top5"]) / count, "count": int(count)}
@@ -236,7 +241,7 @@ def grow_state(config, model, tx, state: TrainState, probe, budget: int, num_cla
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), int(state.step))
   spectrum = grow.splitting_spectrum(loss_fn, state.variables, probe, num_iters=g.num_iters,
                                      rng=rng, method=g.method)
-  spectrum = {p: s for p, s in jax.device_get(spectrum).items() if p.rsplit("/", 1)[-1] in g.layers}
+  spectrum = {p: s for p, s in sharding.host_value(spectrum).items() if p.rsplit("/", 1)[-1] in g.layers}
   plan = grow.select(spectrum, budget, g.threshold, rule=g.rule,
                      max_layer_fraction=g.max_layer_fraction, rng=config.seed + int(state.step))
   variables = grow.grow(state.variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale)
@@ -263,6 +268,18 @@ def _format_seconds(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def abstract_state(config, model, tx, info, mesh, architecture: dict) -> TrainState:
+  """ShapeDtypeStructs, with shardings, of the state of the model grown as `architecture`
+  (spec.from_variables) says: what a checkpoint is restored into."""
+  base = jax.eval_shape(lambda: init_state(config, model, tx, info))
+  variables = spec.abstract_variables(architecture, base.variables)
+  params = variables["params"]
+  state = base.replace(params=params, growth=variables.get("growth", {}),
+                       opt_state=jax.eval_shape(tx.init, params))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, state_shardings(mesh, state))
+
+
 def init_state(config, model, tx, info) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
@@ -277,16 +294,33 @@ def enable_compilation_cache(config):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None) -> dict | None:
+  """Trains (or resumes) the run of `config` in `workdir`; returns the final summary.
+
+  Returns None if the run stopped early, with a checkpoint to resume from: on SIGTERM, or at
+  `stop_after_steps` (a stop that leaves the config, hence the schedule, unchanged). Bad
+  inputs and a workdir of another run are refused before anything is written.
+  """
   config_lib.validate(config)
   info = input_pipeline.dataset_info(config.data)  # fails at once if the data is missing
   config_lib.check_against_data(config, info)
+  with checkpoint.Checkpointer(workdir, config) as ckpt:
+    return _train_and_evaluate(config, workdir, info, ckpt, stop_after_steps)
+
+
+def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointer,
+                        stop_after_steps: int | None) -> dict | None:
   enable_compilation_cache(config)
-  os.makedirs(workdir, exist_ok=True)
   steps_per_epoch = input_pipeline.steps_per_epoch(config.data, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
   events = growth_event_steps(config, steps_per_epoch)
+  summary_path = os.path.join(workdir, "summary.json")
+  if ckpt.latest_step() == total_steps and os.path.exists(summary_path):
+    print(f"{workdir} holds this run, finished ({total_steps} steps): nothing to do; "
+          f"summary in {summary_path}", flush=True)
+    with open(summary_path) as f:
+      return json.load(f)
 
   mesh = sharding.make_mesh(config.mesh.fsdp)
   model = create_model(config, info)
@@ -295,28 +329,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_step = make_eval_step(model)
   writer = writers.MetricWriter(workdir)
 
-  state = init_state(config, model, tx, info)
+  restored = ckpt.restore(functools.partial(abstract_state, config, model, tx, info, mesh))
+  if restored is not None:
+    state, growth_log = restored.state, restored.growth_events
+  else:
+    state, growth_log = init_state(config, model, tx, info), []
   state = jax.device_put(state, state_shardings(mesh, state))
+  start_step = int(state.step)
   batches: Iterator = (sharding.global_batch(mesh, b) for b in input_pipeline.train_batches(
-      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=int(state.step)))
+      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step))
   first = next(batches)
   batches = itertools.chain([first], batches)
   compiled = compile_train_step(train_step, mesh, state, first)
-  compiles = 1
-  base_params = param_count(state.params)
+  compiles = 1  # in this process: the restored (possibly grown) tree, then once per event
+  base_params = growth_log[0]["params_before"] if growth_log else param_count(state.params)
   logging.info("model: %s params, %d steps (%d/epoch), %d devices, mesh %s", f"{base_params:,}",
                total_steps, steps_per_epoch, jax.device_count(), dict(mesh.shape))
   print(f"DeiT-{config.model.variant} on {info.name}: {base_params:,} params, {total_steps} steps, "
-        f"{len(events)} growth events at steps {events}; train step compiled in {compiled.seconds:.1f}s",
+        f"{len(events)} growth events at steps {events}; train step compiled in {compiled.seconds:.1f}s"
+        + (f"; resumed at step {start_step} with {len(growth_log)} events done"
+           if restored is not None else ""),
         flush=True)
 
-  growth_log, last_eval = [], {}
+  last_eval = {}
   window_start, window_step = time.perf_counter(), int(state.step)
   run_start = time.perf_counter()
   metrics = None
   while int(state.step) < total_steps:
     step = int(state.step)
-    if step in events:
+    if step in events[len(growth_log):]:  # a resumed run restored the earlier events grown
       probe = list(itertools.islice(batches, config.growth.probe_batches))
       batches = itertools.chain(probe, batches)
       before = param_count(state.params)
@@ -337,6 +378,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "seconds_compile": compiled.seconds, "eigenvalues": eig}
       growth_log.append({"step": step, **record})
       writer.write("growth", step, record)
+      plots.growth_event_figures(workdir, step, spectrum, plan, spec.from_variables(state.variables))
+      check_finite(state)  # a checkpoint never holds a state that skipped a non-finite step
+      ckpt.save(state, growth_log)  # a restart does not redo the event
       window_start = time.perf_counter()  # growth time is not training throughput
 
     state, metrics = compiled.fn(state, next(batches))
@@ -362,16 +406,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
       print(f"eval  {step:>6}/{total_steps} | top-1 {last_eval['top1']:.2%} | top-5 "
             f"{last_eval['top5']:.2%} | loss {last_eval['loss']:.4f}", flush=True)
 
+    stop = step == stop_after_steps or ckpt.preempted(step)
+    # A growth step is saved right after its growth instead.
+    if stop or step == total_steps or (ckpt.due(step) and step not in events):
+      check_finite(state)
+      ckpt.save(state, growth_log)
+    if stop:
+      ckpt.wait()
+      writer.close()
+      print(f"stopped at step {step}/{total_steps}, checkpoint saved: run the same command to "
+            "resume", flush=True)
+      return None
+
   check_finite(state)
+  if not last_eval:  # resumed from the final checkpoint of a run killed before its summary
+    last_eval = evaluate(eval_step, state.variables, config, mesh)
+  ckpt.wait()  # summary.json marks a finished run: its final checkpoint must be complete
   architecture = spec.from_variables(state.variables)
   summary = {"dataset": info.name, "eval": last_eval, "params": param_count(state.params),
              "base_params": base_params, "steps": total_steps, "train_step_compiles": compiles,
+             "resumed_from_step": start_step if restored is not None else None,
              "wall_seconds": time.perf_counter() - run_start, "growth_events": growth_log,
              "architecture": architecture}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
       json.dump(summary, f, indent=1, default=float)
   writer.close()
+  plots.final_figures(workdir)
   print(f"\nfinal: top-1 {last_eval['top1']:.2%} (top-5 {last_eval['top5']:.2%}) on "
         f"{last_eval['count']} {info.name} test images; {summary['params']:,} params "
         f"({base_params:,} before growth)")
@@ -388,4 +449,5 @@ def check_finite(state: TrainState):
   bad = int(state.first_bad_step)
   if bad >= 0:
     raise NonFiniteError(f"loss or gradient was not finite at step {bad}; that step and the "
-                         "ones after it were not applied. Lower optim.base_lr or check the data.")
+                         "ones after it were not applied, and no checkpoint holds them. Lower "
+                         "optim.base_lr or check the data.")

@@ -1,0 +1,75 @@
+"""Exports a run's variables for research code: `python -m hetscale_jax.export --workdir DIR`.
+
+From the workdir's newest usable checkpoint (the final one once the run finished) it writes
+<workdir>/export/step_<N>/, or --out:
+
+  variables.msgpack  {"params", "growth"}, numpy arrays in flax's msgpack: load them with
+                     flax.serialization.msgpack_restore(f.read()) and apply the model of
+                     config.json (train.create_model), whose layers read their units from them
+  spec.json          the grown architecture (hetscale_jax.spec.from_json reads it)
+  config.json        the run's config
+  architecture.txt   for people: parameter counts and the units of every grown layer
+
+Needs neither the dataset nor the devices that trained. The folder is written under a
+temporary name and renamed when complete, and an existing export is never overwritten.
+"""
+
+import argparse
+import json
+import os
+
+import flax
+import jax
+import numpy as np
+
+from hetscale_jax import checkpoint, spec
+
+
+def describe(final: checkpoint.Final, workdir: str) -> str:
+  """Parameter counts and spec.describe of a checkpoint's variables."""
+  total = int(sum(np.size(x) for x in jax.tree.leaves(final.variables["params"])))
+  units = spec.unit_params(final.architecture)
+  num_units = sum(sum(layer["units"]) for layer in final.architecture["layers"].values())
+  m = final.config["model"]
+  return "\n".join([
+      f"{workdir}: checkpoint at step {final.step} (config: DeiT-{m['variant']}, "
+      f"{final.config['num_epochs']} epochs on {final.config['data']['name']})",
+      f"parameters: {total:,} = {total - units:,} before growth + {units:,} in {num_units} units",
+      "grown layers (units added at each growth event):",
+      spec.describe(final.architecture), ""])
+
+
+def export(workdir: str, out: str | None = None) -> str:
+  """Writes the export of `workdir`'s newest usable checkpoint; returns its folder."""
+  final = checkpoint.read_latest(workdir)
+  out = out or os.path.join(workdir, "export", f"step_{final.step}")
+  if os.path.exists(out):
+    raise FileExistsError(f"{out} exists; nothing was overwritten (pass another --out)")
+  staging = f"{out}.partial-{os.getpid()}"
+  os.makedirs(staging)
+  files = {"variables.msgpack": flax.serialization.msgpack_serialize(final.variables),
+           "spec.json": spec.to_json(final.architecture).encode(),
+           "config.json": json.dumps(final.config, indent=1, sort_keys=True).encode(),
+           "architecture.txt": describe(final, workdir).encode()}
+  for name, data in files.items():
+    with open(os.path.join(staging, name), "wb") as f:
+      f.write(data)
+  os.rename(staging, out)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="the run's workdir")
+  parser.add_argument("--out", help="output folder (default: <workdir>/export/step_<N>)")
+  args = parser.parse_args(argv)
+  try:
+    out = export(args.workdir, args.out)
+  except (checkpoint.CheckpointError, FileExistsError) as e:
+    raise SystemExit(f"error: {e}") from None
+  with open(os.path.join(out, "architecture.txt")) as f:
+    print(f.read() + f"exported to {out}")
+
+
+if __name__ == "__main__":
+  main()

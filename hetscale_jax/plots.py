@@ -1,0 +1,206 @@
+"""Figures of a run, PNG files in <workdir>/plots, drawn at each growth event and at the end.
+
+    eigenvalues_step{N}.png  each neuron's smallest splitting eigenvalue in the first block's
+                             QKV and FC1 layers at growth event N, grown neurons marked
+                             (the paper's Figure 2)
+    units_step{N}.png        units per neuron of every dense layer after event N: where the
+    units.png                model grew deeper (units.png: the latest)
+    training.png             train loss, top-1 and parameter count over training
+
+Drawn with matplotlib's object API on the Agg canvas: no pyplot state and no GUI backend, so
+training code can call this safely. Kept cheap (well under a second a figure on one core):
+fixed margins instead of a layout engine, and one artist per colour instead of a patch per
+neuron. Only process 0 draws, as only it writes metrics.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import jax
+from matplotlib import colormaps
+from matplotlib import colors
+from matplotlib import patches
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+from hetscale_jax import writers
+
+FIGURE2_LAYERS = ("blocks_0/attn/qkv", "blocks_0/mlp/fc1")
+PLOTS_DIR = "plots"
+UNITS_HISTORY = "units_history.json"
+TRAINING = "training.png"
+UNITS = "units.png"
+GROWN, NOT_GROWN = "tab:red", "tab:blue"
+
+
+def plots_dir(workdir: str) -> str:
+  return os.path.join(workdir, PLOTS_DIR)
+
+
+def eigenvalues_name(step: int) -> str:
+  return f"eigenvalues_step{step}.png"
+
+
+def units_name(step: int) -> str:
+  return f"units_step{step}.png"
+
+
+def layer_order(path: str):
+  """Sort key: blocks in numeric order (blocks_2 before blocks_10), then the layer name."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def _save(fig: Figure, path: str):
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------------------- growth events
+
+def growth_event_figures(workdir: str, step: int, spectrum, plan, architecture: dict):
+  """Draws eigenvalues_step{step}.png, units_step{step}.png and units.png (process 0 only).
+
+  spectrum: {path: Spectrum} of the event (host arrays); plan: the grow.Plan applied;
+  architecture: spec.from_variables of the grown variables.
+  """
+  if jax.process_index() != 0:
+    return
+  os.makedirs(plots_dir(workdir), exist_ok=True)
+  grown = {p: np.asarray(i) for p, i in plan.indices.items()}
+  layers = [p for p in FIGURE2_LAYERS if p in spectrum]
+  if layers:
+    _save(eigenvalue_figure(step, {p: spectrum[p] for p in layers}, grown),
+          os.path.join(plots_dir(workdir), eigenvalues_name(step)))
+  units = units_per_neuron(_record_event(workdir, step, grown), architecture)
+  path = os.path.join(plots_dir(workdir), units_name(step))
+  _save(units_figure(step, units), path)
+  shutil.copyfile(path, os.path.join(plots_dir(workdir), UNITS))
+
+
+def eigenvalue_figure(step: int, spectrum: dict, grown: dict) -> Figure:
+  """One panel per layer: eigenvalue / mean |x~|^2 (the score the rules rank) per neuron."""
+  fig = Figure(figsize=(5 * len(spectrum), 3.2))
+  fig.subplots_adjust(left=0.16 / len(spectrum), right=0.98, bottom=0.15, top=0.9, wspace=0.3)
+  for ax, (path, s) in zip(fig.subplots(1, len(spectrum), squeeze=False)[0], spectrum.items()):
+    lam = np.asarray(s.eigvals, np.float64) / float(s.input_scale)
+    chosen = np.zeros(lam.shape, bool)
+    chosen[grown.get(path, [])] = True
+    # Bars as vertical lines, about a neuron wide: one artist per colour however wide the layer.
+    width = max(250 / lam.size, 0.3)
+    for mask, color in ((~chosen, NOT_GROWN), (chosen, GROWN)):
+      ax.vlines(np.flatnonzero(mask), 0.0, lam[mask], colors=color, linewidth=width)
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set(title=f"{path}, step {step}", xlabel="neuron",
+           ylabel=r"smallest eigenvalue / mean $|\tilde x|^2$", xlim=(-0.5, lam.size - 0.5))
+    ax.legend(handles=[patches.Patch(color=NOT_GROWN, label="not grown"),
+                       patches.Patch(color=GROWN, label=f"grown ({chosen.sum()})")],
+              fontsize=8, loc="lower right")
+  return fig
+
+
+def _record_event(workdir: str, step: int, grown: dict) -> list[dict]:
+  """Appends this event's neuron indices to the workdir's history and returns the history.
+
+  Events at or after `step` are dropped first: they belong to a run that was resumed from an
+  earlier checkpoint, and are being replayed now.
+  """
+  path = os.path.join(plots_dir(workdir), UNITS_HISTORY)
+  history = []
+  if os.path.exists(path):
+    with open(path) as f:
+      history = [e for e in json.load(f) if e["step"] < step]
+  history.append({"step": step, "indices": {p: i.tolist() for p, i in grown.items()}})
+  with open(path, "w") as f:
+    json.dump(history, f)
+  return history
+
+
+def units_per_neuron(history: list[dict], architecture: dict) -> dict[str, np.ndarray]:
+  """{path: units on each neuron} for every dense layer of the architecture, in block order."""
+  layers = architecture["layers"]
+  units = {p: np.zeros(layers[p]["d_out"], np.int32) for p in sorted(layers, key=layer_order)}
+  for event in history:
+    for path, indices in event["indices"].items():
+      np.add.at(units[path], indices, 1)
+  for path, layer in layers.items():
+    if units[path].sum() != sum(layer["units"]):
+      # The history lives in the workdir; a run resumed elsewhere lacks earlier events.
+      logging.warning("units map of %s: %d units recorded, the model has %d", path,
+                      units[path].sum(), sum(layer["units"]))
+  return units
+
+
+def units_figure(step: int, units: dict[str, np.ndarray]) -> Figure:
+  """Rows are layers, columns neurons, colour the units stacked on a neuron (depth gained)."""
+  width = max(u.size for u in units.values())
+  grid = np.full((len(units), width), np.nan)
+  for row, u in enumerate(units.values()):
+    grid[row, :u.size] = u
+  top = max(int(np.nanmax(grid)), 1)
+  # One colour per unit count, light grey for none, so grown neurons stand out.
+  cmap = colors.ListedColormap(["#e8e8e8"] + list(colormaps["viridis"].resampled(top).colors))
+  norm = colors.BoundaryNorm(np.arange(-0.5, top + 1), cmap.N)
+  height = 1.2 + 0.22 * len(units)
+  fig = Figure(figsize=(9, height))
+  fig.subplots_adjust(left=0.22, right=0.98, bottom=0.6 / height, top=1 - 0.35 / height)
+  ax = fig.subplots()
+  image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
+                    cmap=cmap, norm=norm)
+  labels = [f"{p}  ({np.count_nonzero(u)}/{u.size})" for p, u in units.items()]
+  ax.set_yticks(range(len(units)), labels, fontsize=7)
+  ax.set(xlabel="neuron", title=f"units per neuron after step {step} (grown/neurons per layer)")
+  fig.colorbar(image, ax=ax, ticks=range(top + 1), label="units")
+  return fig
+
+
+# ---------------------------------------------------------------------------- end of training
+
+def final_figures(workdir: str):
+  """Draws training.png from metrics.jsonl (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(plots_dir(workdir), exist_ok=True)
+  records = read_metrics(workdir)
+  _save(training_figure(records), os.path.join(plots_dir(workdir), TRAINING))
+
+
+def read_metrics(workdir: str) -> dict[str, list[dict]]:
+  """metrics.jsonl by kind ("train", "eval", "growth"), ordered by step.
+
+  A resumed run appends records for steps it replays; the last record of a (kind, step) wins.
+  """
+  latest = {}
+  for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+    latest[r["kind"], r["step"]] = r
+  return {kind: [latest[k] for k in sorted(k for k in latest if k[0] == kind)]
+          for kind in ("train", "eval", "growth")}
+
+
+def training_figure(by_kind: dict[str, list[dict]]) -> Figure:
+  """Loss, top-1 and parameters against step; dashed lines at growth events."""
+  series = lambda kind, key: ([r["step"] for r in by_kind[kind]], [r[key] for r in by_kind[kind]])
+  fig = Figure(figsize=(12, 3.2))
+  fig.subplots_adjust(left=0.06, right=0.98, bottom=0.15, top=0.9, wspace=0.25)
+  ax_loss, ax_top1, ax_params = fig.subplots(1, 3)
+  ax_loss.plot(*series("train", "loss"), color="tab:blue")
+  ax_loss.set(title="train loss", xlabel="step")
+  steps, top1 = series("eval", "top1")
+  ax_top1.plot(steps, 100 * np.asarray(top1), "o-", color="tab:green")
+  ax_top1.set(title="test top-1 (%)", xlabel="step")
+  # Parameters change only at growth events: a step function from step 0 through them.
+  steps, params = series("train", "params")
+  growth = by_kind["growth"]
+  steps += [0] + [g["step"] for g in growth]
+  params += [growth[0]["params_before"] if growth else params[0]]
+  params += [g["params_after"] for g in growth]
+  order = np.argsort(steps, kind="stable")
+  ax_params.step(np.asarray(steps)[order], np.asarray(params)[order], where="post", color="tab:red")
+  ax_params.set(title="parameters", xlabel="step")
+  for ax in (ax_loss, ax_top1, ax_params):
+    for g in growth:
+      ax.axvline(g["step"], color="gray", ls="--", lw=0.8)
+  return fig

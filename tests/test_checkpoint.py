@@ -1,0 +1,414 @@
+"""Checkpoints and fault tolerance on the tiny config (2 growth events in 88 steps).
+
+One uninterrupted run is the reference. A run stopped after the first growth event and
+resumed, a run killed (SIGKILL, some kills during a save) and stopped (SIGTERM) over and
+over, and a run resumed past a damaged checkpoint must all end with the reference's params,
+bit for bit. Bad inputs are refused and leave the workdir as it was.
+
+Compiling dominates the time here, so every run shares a persistent compilation cache (in
+pytest's cache folder, so later sessions start warm).
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import flax
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import ml_collections
+import numpy as np
+import pytest
+
+from hetscale_jax import checkpoint, config_lib, export, input_pipeline, sharding, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STOP_STEP = 30  # after the first growth event (step 22), before the second (44)
+
+
+def tiny_config():
+  module_spec = importlib.util.spec_from_file_location("tiny_test", REPO / "configs" / "tiny_test.py")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def xla_cache(request, tmp_path_factory):
+  """A persistent compilation cache for this module's runs, in process and in subprocesses."""
+  cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+  path = str(cache.mkdir("hetscale_jax_xla") if cache else tmp_path_factory.mktemp("xla"))
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", path)
+  compilation_cache.reset_cache()  # the cache is set up at the first compile of the process
+  yield path
+  jax.config.update("jax_compilation_cache_dir", previous)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(xla_cache, tmp_path_factory):
+  """(workdir, summary) of the uninterrupted run."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+
+
+@pytest.fixture(scope="module")
+def stopped(xla_cache, tmp_path_factory):
+  """Workdir of the run stopped at STOP_STEP: checkpoints 20 (periodic), 22 (right after the
+  growth event) and 30 (the stop). Tests work on copies."""
+  workdir = str(tmp_path_factory.mktemp("stopped"))
+  assert train.train_and_evaluate(tiny_config(), workdir, stop_after_steps=STOP_STEP) is None
+  return workdir
+
+
+def copy_of(workdir, tmp_path) -> str:
+  target = str(tmp_path / "run")
+  shutil.copytree(workdir, target)
+  return target
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  directory = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def final_variables(workdir):
+  return checkpoint.read_latest(workdir).variables
+
+
+def assert_bitwise_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def events_without_timings(summary):
+  return [{k: v for k, v in e.items() if not k.startswith("seconds")}
+          for e in summary["growth_events"]]
+
+
+def snapshot(workdir) -> dict:
+  """Every path under workdir with its size and modification time."""
+  root = pathlib.Path(workdir)
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob("*")}
+
+
+def restore_target(config):
+  """train.abstract_state for `config`, as train_and_evaluate passes it to restore."""
+  info = input_pipeline.dataset_info(config.data)
+  tx = train.create_optimizer(config, input_pipeline.steps_per_epoch(config.data, config.batch_size))
+  return functools.partial(train.abstract_state, config, train.create_model(config, info), tx,
+                           info, sharding.make_mesh(1))
+
+
+# ---------------------------------------------------------------------------- resume
+
+def test_resumed_run_ends_bit_for_bit_as_the_uninterrupted_one(reference, stopped, tmp_path, capsys):
+  ref_dir, ref = reference
+  assert checkpoint_steps(ref_dir) == [60, 80, 88]  # every 20, after events, the end; last 3
+  assert checkpoint_steps(stopped) == [20, 22, STOP_STEP]
+  workdir = copy_of(stopped, tmp_path)
+
+  resumed = train.train_and_evaluate(tiny_config(), workdir)
+  assert f"resumed at step {STOP_STEP} with 1 events done" in capsys.readouterr().out
+  assert_bitwise_equal(final_variables(workdir), final_variables(ref_dir))
+  assert resumed["eval"] == ref["eval"] and resumed["architecture"] == ref["architecture"]
+  # Event 22 comes from the checkpoint, event 44 is computed anew.
+  assert events_without_timings(resumed) == events_without_timings(ref)
+  assert resumed["train_step_compiles"] == 2  # the restored grown tree, then event 44
+  assert resumed["resumed_from_step"] == STOP_STEP and ref["resumed_from_step"] is None
+
+  # Once more: the run is finished, nothing is redone.
+  before = snapshot(workdir)
+  assert train.train_and_evaluate(tiny_config(), workdir)["eval"] == ref["eval"]
+  assert "nothing to do" in capsys.readouterr().out
+  assert snapshot(workdir) == before
+
+
+def test_checkpoint_after_growth_restores_the_grown_model(stopped):
+  config = tiny_config()
+  with checkpoint.Checkpointer(stopped, config) as ckpt:
+    restored = ckpt.restore(restore_target(config))
+  assert int(restored.state.step) == STOP_STEP
+  assert [e["step"] for e in restored.growth_events] == [22]
+  units = {path: layer["units"] for path, layer in
+           checkpoint.read_latest(stopped).architecture["layers"].items() if layer["units"]}
+  assert units and all(len(u) == 1 for u in units.values())
+  assert train.param_count(restored.state.params) == restored.growth_events[0]["params_after"]
+
+
+# ---------------------------------------------------------------------------- kills
+
+def _launch(workdir, xla_cache, log, *overrides):
+  return subprocess.Popen(
+      [sys.executable, "main.py", "--config", "configs/tiny_test.py", f"--workdir={workdir}",
+       f"--config.compilation_cache_dir={xla_cache}", *overrides],
+      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, proc, timeout=120.0) -> bool:
+  """Polls every millisecond until condition(); False if the process exits first."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if condition():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.001)
+  raise TimeoutError("the training subprocess neither progressed nor exited")
+
+
+def _saving(workdir) -> bool:
+  directory = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  return os.path.isdir(directory) and any("orbax-checkpoint-tmp" in n for n in os.listdir(directory))
+
+
+def _progressed(workdir, log_path, latest: int) -> bool:
+  """Training and a checkpoint after `latest` complete: each launch gets somewhere."""
+  with open(log_path) as f:
+    return "train step compiled" in f.read() and max(checkpoint_steps(workdir), default=-1) > latest
+
+
+def test_killed_and_preempted_run_resumes_and_ends_as_the_uninterrupted_one(
+    reference, xla_cache, tmp_path):
+  workdir, rng = str(tmp_path / "run"), random.Random(0)
+  # SIGKILL at random moments of training and in the middle of a save (saving every 2 steps,
+  # a resumable config change), then SIGTERM, which saves and exits 0, then a run to the end.
+  plan = ["kill at random", "kill in save", "kill at random", "sigterm", "finish"]
+  killed_in_save, resumed_at = False, []
+  for i, action in enumerate(plan):
+    log_path, latest = tmp_path / f"log{i}.txt", max(checkpoint_steps(workdir), default=-1)
+    progressed = functools.partial(_progressed, workdir, log_path, latest)
+    with open(log_path, "w") as log:
+      proc = _launch(workdir, xla_cache, log,
+                     *([] if action == "finish" else ["--config.checkpoint_every_steps=2"]))
+    try:
+      if action == "kill in save":
+        if _wait_for(lambda: progressed() and _saving(workdir), proc):
+          proc.kill()
+          killed_in_save = proc.wait() == -signal.SIGKILL and _saving(workdir)
+      elif action != "finish" and _wait_for(progressed, proc):
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGTERM if action == "sigterm" else signal.SIGKILL)
+      rc = proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    output = log_path.read_text()
+    assert "unusable" not in output and "Traceback" not in output, output
+    if "resumed at step" in output:
+      resumed_at.append(int(output.split("resumed at step ")[1].split()[0]))
+    if action == "sigterm":
+      assert rc == 0 and "stopped at step" in output, output
+      step = int(output.split("stopped at step ")[1].split("/")[0])
+      assert step == checkpoint_steps(workdir)[-1]
+    elif action == "finish":
+      assert rc == 0, output
+    else:
+      assert rc == -signal.SIGKILL, output
+  assert killed_in_save, "the kill did not land in a save"
+  assert len(resumed_at) == len(plan) - 1 and resumed_at == sorted(set(resumed_at)), resumed_at
+  assert not os.path.exists(os.path.join(workdir, checkpoint.CORRUPT))
+  assert_bitwise_equal(final_variables(workdir), final_variables(reference[0]))
+
+
+# ---------------------------------------------------------------------------- damage
+
+def _damage_files(directory, damage):
+  for path in pathlib.Path(directory).rglob("*"):
+    if path.is_file() and path.name != "commit_success.txt":
+      data = bytearray(path.read_bytes())
+      path.write_bytes(damage(data))
+
+
+def _truncate(data):
+  return data[:len(data) // 2]
+
+
+def _flip_bytes(data):
+  middle = len(data) // 2
+  data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+  return data
+
+
+def _damage(workdir, how):
+  newest = os.path.join(workdir, checkpoint.CHECKPOINTS, str(STOP_STEP))
+  if how == "truncated files":
+    _damage_files(os.path.join(newest, "state"), _truncate)
+  elif how == "flipped bytes":
+    _damage_files(os.path.join(newest, "state"), _flip_bytes)
+  elif how == "state of another step":
+    # Same shapes (both after the first event), other values: only the checksums can tell.
+    shutil.rmtree(os.path.join(newest, "state"))
+    shutil.copytree(os.path.join(workdir, checkpoint.CHECKPOINTS, "22", "state"),
+                    os.path.join(newest, "state"))
+  elif how == "truncated metadata":
+    _damage_files(os.path.join(newest, "run"), _truncate)
+
+
+@pytest.mark.parametrize("how", ["truncated files", "flipped bytes", "state of another step",
+                                 "truncated metadata"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(stopped, tmp_path, caplog, how):
+  workdir = copy_of(stopped, tmp_path)
+  _damage(workdir, how)
+  config = tiny_config()
+  with checkpoint.Checkpointer(workdir, config) as ckpt:
+    restored = ckpt.restore(restore_target(config))
+  assert int(restored.state.step) == 22
+  assert f"checkpoint at step {STOP_STEP} is unusable" in caplog.text
+  assert checkpoint_steps(workdir) == [20, 22]
+  [moved] = os.listdir(os.path.join(workdir, checkpoint.CORRUPT))
+  assert moved.startswith(f"{STOP_STEP}-")
+
+
+def test_run_resumed_past_a_damaged_checkpoint_ends_as_the_uninterrupted_one(
+    reference, stopped, tmp_path, caplog):
+  workdir = copy_of(stopped, tmp_path)
+  _damage(workdir, "flipped bytes")
+  train.train_and_evaluate(tiny_config(), workdir)
+  assert "resumed from step 22" in caplog.text
+  assert_bitwise_equal(final_variables(workdir), final_variables(reference[0]))
+
+
+def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(stopped, tmp_path):
+  workdir = copy_of(stopped, tmp_path)
+  for step in checkpoint_steps(workdir):
+    _damage_files(os.path.join(workdir, checkpoint.CHECKPOINTS, str(step), "run"), _truncate)
+  before = snapshot(workdir)
+  config = tiny_config()
+  with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints"):
+    with checkpoint.Checkpointer(workdir, config) as ckpt:
+      ckpt.restore(restore_target(config))
+  assert snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------------------- refusals
+
+def _unknown_field(c):
+  c.growth.budget = 100
+
+
+def _negative_budget(c):
+  c.growth.budget_per_event = -200
+
+
+def _growth_past_the_end(c):
+  c.growth.epochs = (0.5, 2.5)
+
+
+def _missing_dataset(c, empty_dir):
+  c.data = input_pipeline.default_data_config("cifar100")
+  c.data.data_dir = empty_dir
+
+
+def _other_config(c):
+  c.model.mlp_dim = 24
+
+
+@pytest.mark.parametrize("mutate, error, message", [
+    (_unknown_field, config_lib.ConfigError, "unknown config field config.growth.budget"),
+    (_negative_budget, config_lib.ConfigError, "growth.budget_per_event=-200 is invalid"),
+    (_growth_past_the_end, config_lib.ConfigError, "growth epoch must be in"),
+    (_missing_dataset, input_pipeline.DatasetNotFoundError, "cifar100 is not prepared"),
+    (_other_config, checkpoint.WorkdirError, r"another config .*model.mlp_dim: 16 -> 24"),
+])
+def test_bad_input_is_refused_and_changes_nothing(stopped, tmp_path, mutate, error, message):
+  workdir = copy_of(stopped, tmp_path)
+  new_workdir = str(tmp_path / "new")
+  before = snapshot(workdir)
+  config = tiny_config()
+  if mutate is _missing_dataset:
+    os.makedirs(tmp_path / "empty")
+    mutate(config, str(tmp_path / "empty"))
+  else:
+    mutate(config)
+  # Another config is refused only where another run is; bad inputs anywhere, writing nothing.
+  for target in [workdir] if error is checkpoint.WorkdirError else [workdir, new_workdir]:
+    with pytest.raises(error, match=message):
+      train.train_and_evaluate(config, target)
+  assert snapshot(workdir) == before
+  assert not os.path.exists(new_workdir)
+
+
+def test_checkpoint_of_another_architecture_is_refused(stopped, tmp_path):
+  workdir = copy_of(stopped, tmp_path)
+  before = snapshot(workdir)
+  config, other = tiny_config(), tiny_config()
+  other.model.mlp_dim = 24
+  with pytest.raises(checkpoint.WorkdirError, match="another architecture"):
+    with checkpoint.Checkpointer(workdir, config) as ckpt:
+      ckpt.restore(restore_target(other))
+  assert snapshot(workdir) == before
+
+
+def test_workdir_with_other_files_is_refused_and_fresh_picks_a_new_one(stopped, tmp_path):
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("not a run")
+  with pytest.raises(checkpoint.WorkdirError, match="holds no hetscale_jax run"):
+    train.train_and_evaluate(tiny_config(), str(foreign))
+  assert os.listdir(foreign) == ["notes.txt"]
+
+  assert checkpoint.fresh_workdir(str(tmp_path / "new")) == str(tmp_path / "new")
+  assert checkpoint.fresh_workdir(str(foreign)) == str(foreign / "fresh_1")
+  (foreign / "fresh_1").mkdir()
+  assert checkpoint.fresh_workdir(str(foreign)) == str(foreign / "fresh_2")
+
+
+def test_non_finite_step_stops_with_its_step_and_keeps_the_checkpoints(
+    stopped, tmp_path, monkeypatch):
+  workdir = copy_of(stopped, tmp_path)
+  before = snapshot(os.path.join(workdir, checkpoint.CHECKPOINTS))
+  real_batches = input_pipeline.train_batches
+
+  def poisoned(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(real_batches(*args, start_step=start_step, **kwargs), start_step):
+      yield dict(batch, image=np.full_like(batch["image"], np.nan)) if step == 33 else batch
+  monkeypatch.setattr(input_pipeline, "train_batches", poisoned)
+  with pytest.raises(train.NonFiniteError, match="not finite at step 33"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert snapshot(os.path.join(workdir, checkpoint.CHECKPOINTS)) == before
+
+
+# ---------------------------------------------------------------------------- export
+
+def test_export_writes_variables_spec_and_summary_that_research_code_can_load(
+    reference, tmp_path, capsys):
+  ref_dir, ref = reference
+  out = str(tmp_path / "export")
+  export.main(["--workdir", ref_dir, "--out", out])
+  assert f"exported to {out}" in capsys.readouterr().out
+  assert sorted(os.listdir(out)) == ["architecture.txt", "config.json", "spec.json",
+                                     "variables.msgpack"]
+
+  with open(os.path.join(out, "variables.msgpack"), "rb") as f:
+    variables = flax.serialization.msgpack_restore(f.read())
+  assert_bitwise_equal(variables, final_variables(ref_dir))
+  with open(os.path.join(out, "spec.json")) as f:
+    assert json.load(f) == ref["architecture"]
+  with open(os.path.join(out, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  info = input_pipeline.dataset_info(config.data)
+  batch = next(input_pipeline.eval_batches(config.data, global_batch_size=64))
+  logits = train.create_model(config, info).apply(variables, batch["image"], train=False)
+  accuracy = np.mean(np.argmax(logits, -1) == batch["label"])
+  assert logits.shape == (64, info.num_classes) and accuracy > 0.2  # chance is 0.1
+  with open(os.path.join(out, "architecture.txt")) as f:
+    text = f.read()
+  assert f"parameters: {ref['params']:,} = {ref['base_params']:,} before growth" in text
+  assert "units/stage" in text
+
+  with pytest.raises(SystemExit, match="exists; nothing was overwritten"):
+    export.main(["--workdir", ref_dir, "--out", out])
