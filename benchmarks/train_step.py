@@ -1,0 +1,153 @@
+r"""Train-step time: what GrowableDense and grown units cost, as ratios measured in one process.
+
+  python benchmarks/train_step.py [--config configs/default.py] [--steps 20] [--rounds 7]
+  python benchmarks/train_step.py --config configs/deit_s_cifar100.py --config.batch_size=8 \
+      --config.model.dtype=float32 --steps 2 --rounds 3     # DeiT-S shapes, CPU-sized batch
+
+Four models of the config, each trained with train.py's own step (AdamW, mixing, drop-path
+as configured) on one fixed synthetic batch, compiled as training compiles them:
+
+  dense      the DeiT with every GrowableDense replaced by flax's nn.Dense
+  growable   the DeiT as the project builds it, from GrowableDense, no units
+  grown      growable with one unit on 10% of the neurons of every qkv, proj, fc1 and fc2
+  static     growable with its MLP widened to the grown model's parameter count
+
+Ratios (targets): growable / dense (<= 1.03), grown / static (<= 1.15). The models are timed in
+turn, `steps` steps each, over `rounds` rounds (after one warm-up round); a ratio is the
+median of the per-round ratios.
+"""
+
+import os
+from unittest import mock
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+import common
+from hetscale_jax import grow, train
+from hetscale_jax.layers import GrowableDense
+from hetscale_jax.models import deit
+
+config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "default.py"),
+    "Training config of the model.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Steps per model per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed rounds.")
+_GROWN_FRACTION = flags.DEFINE_float("grown_fraction", 0.1, "Share of neurons given a unit.")
+
+
+class PlainDense(nn.Dense):
+  """flax's nn.Dense, taking GrowableDense's extra argument (ignored) so DeiT can build it."""
+  unit_activation: str = "gelu"
+
+
+def apply_and_list_layers(model, variables, images):
+  """(logits, class names of the dense layers the model ran): shows which class was built."""
+  seen = set()
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, (nn.Dense, GrowableDense)):
+      seen.add(type(context.module).__name__)
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):
+    return model.apply(variables, images), seen
+
+
+def ten_percent_plan(spectrum: dict, fraction: float, seed: int) -> grow.Plan:
+  """`fraction` of every eligible layer's neurons, chosen at random."""
+  rng = np.random.default_rng(seed)
+  indices = {p: np.sort(rng.choice(s.eigvals.shape[0], round(fraction * s.eigvals.shape[0]),
+                                   replace=False)).astype(np.int32)
+             for p, s in spectrum.items()}
+  cost = sum(len(i) * grow.unit_cost(spectrum[p]) for p, i in indices.items())
+  return grow.Plan(indices=indices, direction="eigvec", rule="random", num_params=cost)
+
+
+def widened_mlp(config, info, target: int) -> int:
+  """mlp_dim (the same in every block) whose model is closest to `target` parameters. The count
+  is linear in mlp_dim, so two evaluations fix it."""
+  def count(mlp_dim):
+    c = config.copy_and_resolve_references()
+    c.model.mlp_dim = mlp_dim
+    model = train.create_model(c, info)
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
+    return train.param_count(shapes["params"])
+  width = config.model.width or deit.VARIANTS[config.model.variant]["width"]
+  base = config.model.mlp_dim or 4 * width
+  per_unit = count(base + 1) - count(base)
+  return base + round((target - count(base)) / per_unit)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config = flags.FLAGS.config
+  if not isinstance(config.model.mlp_dim, (int, type(None))):
+    raise app.UsageError("the static model widens one mlp_dim for all blocks: give an int")
+  print(common.machine())
+  info = common.dataset_info(config)
+  batch = common.synthetic_batch(config, info)
+  config_file = os.path.relpath(flags.FLAGS["config"].config_filename)
+  print(f"config {config_file}: DeiT-{config.model.variant} on "
+        f"{info.name}-shaped inputs {tuple(info.image_shape)}, batch {config.batch_size}, "
+        f"dtype {config.model.dtype}; {_STEPS.value} steps x {_ROUNDS.value} rounds per model")
+
+  growable = common.Trainer(config, info)
+  growable_state = growable.init_state()
+  with mock.patch.object(deit, "GrowableDense", PlainDense):
+    dense = common.Trainer(config, info)
+    dense_state = dense.init_state()
+    dense_compiled = dense.compile(dense_state, batch)
+    # The same parameters and the same function: only the layer class differs.
+    assert jax.tree.structure(dense_state.params) == jax.tree.structure(growable_state.params)
+    dense_state = dense_state.replace(params=growable_state.params)
+    images = batch["image"][:2]
+    dense_logits, dense_layers = apply_and_list_layers(dense.model, dense_state.variables, images)
+  logits, layers = apply_and_list_layers(growable.model, growable_state.variables, images)
+  assert dense_layers == {"PlainDense", "Dense"} and layers == {"GrowableDense", "Dense"}, (
+      dense_layers, layers)  # the head is nn.Dense in both
+  print(f"  nn.Dense and GrowableDense models: max |logit difference| "
+        f"{np.max(np.abs(dense_logits - logits)):.1e}")
+
+  spectrum = common.random_spectrum(growable_state.variables, config.growth.layers, seed=0)
+  plan = ten_percent_plan(spectrum, _GROWN_FRACTION.value, seed=0)
+  grown_state = common.grow_state(growable, growable_state, plan, spectrum)
+  grown_params = train.param_count(grown_state.params)
+  static_config = config.copy_and_resolve_references()
+  static_config.model.mlp_dim = widened_mlp(config, info, grown_params)
+  static = common.Trainer(static_config, info)
+  static_state = static.init_state()
+
+  candidates = {}
+  for name, trainer, state in (("dense", dense, dense_state),
+                               ("growable", growable, growable_state),
+                               ("grown", growable, grown_state), ("static", static, static_state)):
+    compiled = dense_compiled if name == "dense" else trainer.compile(state, batch)
+    candidates[name] = (compiled, *trainer.place(state, compiled, batch))
+    print(f"  {name:<9} {train.param_count(state.params):>12,} params, compiled in "
+          f"{compiled.seconds:.1f}s")
+  costs = {n: candidates[n][0].fn.cost_analysis() for n in ("dense", "growable")}
+  print("  XLA's cost analysis of the dense / growable steps: " + ", ".join(
+      f"{key} {costs['dense'].get(key, 0):,.0f} / {costs['growable'].get(key, 0):,.0f}"
+      for key in ("flops", "bytes accessed")))
+  units = sum(len(i) for i in plan.indices.values())
+  neurons = sum(s.eigvals.shape[0] for s in spectrum.values())
+  print(f"  grown: {units} units on {neurons} neurons of {len(spectrum)} layers; static: "
+        f"mlp_dim widened to {static_config.model.mlp_dim}")
+
+  times = common.interleaved_times(candidates, _STEPS.value, _ROUNDS.value)
+  print(common.ratio_line("GrowableDense without units / nn.Dense", times, "growable", "dense",
+                          1.03))
+  print(common.ratio_line(f"{_GROWN_FRACTION.value:.0%} of neurons grown / static of equal "
+                          "params", times, "grown", "static", 1.15))
+
+
+if __name__ == "__main__":
+  app.run(main)

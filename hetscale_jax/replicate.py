@@ -1,0 +1,279 @@
+r"""Mini-replication on the embedded digits: growth rules and static models, several seeds each,
+summarised as a markdown table of test top-1 (mean and standard deviation over seeds).
+
+    python -m hetscale_jax.replicate --workdir workdirs/replication                # 5 seeds
+    python -m hetscale_jax.replicate --workdir workdirs/replication --quick --jobs 2
+
+Variants of the config (default: configs/default.py; any --config.field=value applies to all):
+
+  splitting, random,     the reduced model grown by that growth.rule at the config's growth
+  uniform, first_order   events, up to growth.target_params (so all four end equally large)
+  static_reduced         the reduced model, never grown
+  static_full            the full widths (head_dim = width / num_heads, mlp_dim = 4 * width)
+  static_uniform         head_dim and mlp_dim in the full model's ratio, the pair whose
+                         parameter count is closest to the grown models' (growth.target_params,
+                         or the start plus every event's budget): conventional scaling
+
+--quick halves training (half the epochs, growth events at the same fractions of training,
+one evaluation at the end). Each run trains in a worker process in its own workdir
+<workdir>/<variant>/seed<k> (summary.json, metrics.jsonl, plots, config.json, checkpoints,
+train.log); a run whose summary.json exists is not run again and an interrupted one resumes
+from its checkpoint, so a stopped replication goes on where it was and seeds can be added. All runs share one persistent XLA cache in <workdir>/xla_cache:
+seeds of a static model, and first growth events, compile once. The table goes to
+<workdir>/replication.md and stdout; `python -m hetscale_jax.report` renders single runs.
+"""
+
+from concurrent import futures
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+import traceback
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+
+from hetscale_jax import checkpoint, input_pipeline, report, train
+from hetscale_jax.models import deit
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROWTH_RULES = ("splitting", "random", "uniform", "first_order")
+STATIC = ("static_reduced", "static_full", "static_uniform")
+VARIANTS = GROWTH_RULES + STATIC
+
+config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "default.py"),
+                                "Base config of every variant.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.", required=True)
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds 0 .. seeds-1 of every variant.")
+_QUICK = flags.DEFINE_bool("quick", False, "Half the config's epochs, one evaluation.")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Runs trained at once, each in its own process.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which variants to run.")
+
+
+# ---------------------------------------------------------------------------- configs
+
+def quick(config):
+  """Half the epochs; warm-up and growth events at the same fractions of training; one
+  evaluation, at the end."""
+  c = config.copy_and_resolve_references()
+  epochs = max(c.num_epochs // 2, 1)
+  scale = epochs / c.num_epochs
+  c.num_epochs = epochs
+  c.growth.epochs = tuple(e * scale for e in c.growth.epochs)
+  c.optim.warmup_epochs *= scale
+  c.eval_every_epochs = float(epochs)
+  return c
+
+
+def param_count(config, info) -> int:
+  model = train.create_model(config, info)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros(
+      (1,) + tuple(info.image_shape), np.float32), train=False))
+  return train.param_count(shapes["params"])
+
+
+def full_widths(model_config) -> tuple[int, int]:
+  """(width, num_heads) of the config's model, the variant's where the config has none."""
+  variant = deit.VARIANTS[model_config.variant]
+  return model_config.width or variant["width"], model_config.num_heads or variant["num_heads"]
+
+
+def uniform_widths(config, info, target: int) -> tuple[int, int]:
+  """(head_dim, mlp_dim) with mlp_dim / head_dim as in the full model, every block alike,
+  whose parameter count is closest to `target`."""
+  width, heads = full_widths(config.model)
+  full_head = width // heads
+  ratio = 4 * width // full_head
+
+  def count(head_dim):
+    c = config.copy_and_resolve_references()
+    c.model.head_dim, c.model.mlp_dim = head_dim, ratio * head_dim
+    return param_count(c, info)
+  head = min(range(1, 2 * full_head + 1), key=lambda h: abs(count(h) - target))
+  return head, ratio * head
+
+
+def grown_size(config, info) -> int:
+  """Parameters of the grown models: growth.target_params, or the start plus every event's
+  budget."""
+  g = config.growth
+  return g.target_params or param_count(config, info) + len(g.epochs) * g.budget_per_event
+
+
+def variant_config(base, variant: str, seed: int, uniform: tuple[int, int]):
+  """The config of one run; `uniform` = (head_dim, mlp_dim) of static_uniform."""
+  c = base.copy_and_resolve_references()
+  c.seed = seed
+  if variant in GROWTH_RULES:
+    c.growth.rule = variant
+    return c
+  c.growth.enabled = False
+  if variant == "static_full":
+    c.model.head_dim, c.model.mlp_dim = None, None  # deit.create's defaults: the full widths
+  elif variant == "static_uniform":
+    c.model.head_dim, c.model.mlp_dim = uniform
+  return c
+
+
+# ---------------------------------------------------------------------------- running
+
+def run_dir(workdir: str, variant: str, seed: int) -> str:
+  return os.path.join(workdir, variant, f"seed{seed}")
+
+
+def train_one(config, workdir: str) -> dict:
+  """One run in this (worker) process, its output in workdir/train.log."""
+  # tf.data only: a full TensorFlow install would otherwise reserve the GPUs' memory.
+  tf.config.set_visible_devices([], "GPU")
+  # Claimed before train.log goes into it: training refuses a workdir with files but no run.
+  checkpoint.claim_workdir(workdir, config)
+  with output_to(os.path.join(workdir, "train.log")):
+    try:
+      summary = train.train_and_evaluate(config, workdir)
+    except Exception:
+      traceback.print_exc()  # into train.log; the parent reports the failure and goes on
+      raise
+  if summary is None:
+    raise RuntimeError("stopped early (SIGTERM); run the replication again to resume it")
+  return summary
+
+
+@contextlib.contextmanager
+def output_to(path: str):
+  """This process's stdout and stderr, C++ logging included, are appended to `path` for a
+  while (a resumed run adds to its earlier log)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  saved = os.dup(1), os.dup(2)
+  with open(path, "a") as log:
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      for fd, copy in zip((1, 2), saved):
+        os.dup2(copy, fd)
+        os.close(copy)
+
+
+def load_summary(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_all(configs: dict, jobs: int) -> dict:
+  """Trains every (variant, seed) -> (config, workdir) lacking a summary; returns the
+  summaries by (variant, seed), None for a failed run."""
+  summaries = {key: load_summary(d) for key, (_, d) in configs.items()}
+  todo = [key for key, s in summaries.items() if s is None]
+  print(f"{len(configs) - len(todo)} runs already done, {len(todo)} to train with {jobs} "
+        "worker process(es)", flush=True)
+  # Fresh interpreters (not fork): JAX's threads do not survive a fork.
+  context = multiprocessing.get_context("spawn")
+  start = time.perf_counter()
+  with futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    running = {pool.submit(train_one, *configs[key]): key for key in todo}
+    for done, future in enumerate(futures.as_completed(running), 1):
+      variant, seed = key = running[future]
+      try:
+        s = summaries[key] = future.result()
+        result = f"top-1 {s['eval']['top1']:.2%}, {s['params']:,} params"
+      except Exception as e:  # pylint: disable=broad-except  (one failed run: keep the others)
+        result = f"FAILED ({type(e).__name__}: {e}; see {configs[key][1]}/train.log)"
+      print(f"[{done}/{len(todo)}, {report.format_minutes(time.perf_counter() - start)}] "
+            f"{variant} seed {seed}: {result}", flush=True)
+  return summaries
+
+
+# ---------------------------------------------------------------------------- table
+
+def mean_std(values) -> str:
+  if not values:
+    return "n/a"
+  if len(values) == 1:
+    return f"{values[0]:.2f}"
+  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def table(configs: dict, summaries: dict, variants) -> list[str]:
+  rows = []
+  for variant in variants:
+    keys = [k for k in configs if k[0] == variant]
+    done = [(k, summaries[k]) for k in keys if summaries[k] is not None]
+    top1 = [100 * s["eval"]["top1"] for _, s in done]
+    params = sorted({s["params"] for _, s in done})
+    flops = [report.config_flops(configs[k][0], s["architecture"]) for k, s in done]
+    rows.append([variant, f"{len(done)}/{len(keys)}", mean_std(top1),
+                 mean_std([100 * s["eval"]["top5"] for _, s in done]),
+                 (f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}–{params[-1]:,}")
+                 if params else "n/a",
+                 f"{np.mean(flops) / 1e6:.2f}" if flops and None not in flops else "n/a",
+                 f"{np.mean([s['wall_seconds'] for _, s in done]):.0f}" if done else "n/a"])
+  return report.markdown_table(["variant", "runs", "top-1 % (mean ± std)", "top-5 %",
+                               "params (final)", "MFLOPs/image", "wall s/run"], rows)
+
+
+def settings(base, seeds: int, jobs: int, wall_seconds: float) -> list[str]:
+  g = base.growth
+  return [
+      f"Date {datetime.date.today().isoformat()}; {platform.node()}, {os.cpu_count()} CPU "
+      f"cores, {jax.devices()[0].platform}; python {platform.python_version()}, jax "
+      f"{jax.__version__}; {jobs} run(s) at a time, {wall_seconds / 60:.0f} min in all.",
+      f"Config: DeiT-{base.model.variant} width {base.model.width}, depth {base.model.depth}, "
+      f"{base.model.num_heads} heads, reduced head_dim {base.model.head_dim} / mlp_dim "
+      f"{base.model.mlp_dim}, patch {base.model.patch_size}, on {base.data.name}; "
+      f"{base.num_epochs} epochs at batch {base.batch_size}; growth events at epochs "
+      f"{tuple(g.epochs)}, "
+      + (f"up to {g.target_params:,} params" if g.target_params else
+         f"{g.budget_per_event:,} params each") + " (max layer fraction "
+      f"{g.max_layer_fraction}, {g.num_iters} Lanczos iterations); seeds 0-{seeds - 1}.",
+      "Std: sample standard deviation over seeds (ddof 1).",
+  ]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f"unknown variants {unknown}; choose from {VARIANTS}")
+  base = flags.FLAGS.config
+  if _QUICK.value:
+    base = quick(base)
+  workdir = _WORKDIR.value
+  base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
+  info = input_pipeline.dataset_info(base.data)
+  variants = [v for v in VARIANTS if v in _VARIANTS.value]
+  uniform = (uniform_widths(base, info, grown_size(base, info))
+             if "static_uniform" in variants else None)
+  # Seed by seed: a replication stopped early has about as many seeds of every variant.
+  configs = {(v, s): (variant_config(base, v, s, uniform), run_dir(workdir, v, s))
+             for s in range(_SEEDS.value) for v in variants}
+  start = time.perf_counter()
+  summaries = run_all(configs, _JOBS.value)
+  lines = ["# Mini-replication", ""] + settings(base, _SEEDS.value, _JOBS.value,
+                                               time.perf_counter() - start)
+  lines += [""] + table(configs, summaries, variants)
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "replication.md"), "w") as f:
+    f.write(text)
+  print("\n" + text)
+  if any(s is None for s in summaries.values()):
+    sys.exit("some runs failed; their train.log says why")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,175 @@
+"""The report over two real (tiny) training runs, its FLOPs count, and the plot hooks."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+
+import jax
+import jax.extend.core
+import numpy as np
+import pytest
+
+from hetscale_jax import grow, plots, replicate, report, spec, train
+from hetscale_jax.splitting import Spectrum
+
+from conftest import make_deit
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config():
+  module_spec = importlib.util.spec_from_file_location("tiny_test", CONFIG_DIR / "tiny_test.py")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two tiny runs: one grown (one event: the spectrum's compilation dominates a tiny run),
+  trained as the replication trains its runs, and one static, by train.train_and_evaluate."""
+  root = tmp_path_factory.mktemp("runs")
+  grown, static = str(root / "grown"), str(root / "static")
+  config = tiny_config()
+  config.growth.epochs = (1.0,)
+  replicate.train_one(config, grown)
+  config = tiny_config()
+  config.growth.enabled = False
+  config.seed = 1
+  train.train_and_evaluate(config, static)
+  return grown, static
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)
+
+
+def _table_row(text, first_cell):
+  rows = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+  assert len(rows) == 1, f"expected one table row for {first_cell!r}"
+  return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
+  out = tmp_path / "out" / "report.md"
+  report.main(["--workdir", *runs, "--out", str(out)])
+  text = out.read_text()
+  grown, static = (_summary(w) for w in runs)
+
+  for name, s in zip(("grown", "static"), (grown, static)):
+    row = _table_row(text, name)
+    assert row[2] == f"{s['eval']['top1']:.2%}" and row[3] == f"{s['eval']['top5']:.2%}"
+    assert row[4] == f"{s['base_params']:,}" and row[5] == f"{s['params']:,}"
+    assert row[7] == str(len(s["growth_events"]))
+    assert row[8] == f"{s['wall_seconds'] / 60:.1f} min"
+
+  for name, s in zip(("grown", "static"), (grown, static)):
+    flops = report.forward_flops(s["architecture"], (8, 8, 1), tiny_config().model.patch_size)
+    assert _table_row(text, name)[6] == f"{flops / 1e6:,.2f}"
+
+  assert len(grown["growth_events"]) == 1 and not static["growth_events"]
+  for event in grown["growth_events"]:
+    row = _table_row(text, str(event["step"]))
+    assert row[2:4] == [f"{event['params_before']:,}", f"{event['params_after']:,}"]
+  assert grown["params"] > grown["base_params"]
+
+  images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+  expected = {f"grown/plots/{n}" for n in [plots.TRAINING, plots.UNITS] + [
+      plots.eigenvalues_name(e["step"]) for e in grown["growth_events"]]}
+  expected.add(f"static/plots/{plots.TRAINING}")
+  assert {"/".join(pathlib.Path(i).parts[-3:]) for i in images} == expected
+  for image in images:
+    with open(out.parent / image, "rb") as f:
+      assert f.read(8) == PNG_MAGIC
+
+
+def test_units_history_matches_the_grown_architecture(runs):
+  summary = _summary(runs[0])
+  with open(os.path.join(plots.plots_dir(runs[0]), plots.UNITS_HISTORY)) as f:
+    history = json.load(f)
+  assert [e["step"] for e in history] == [e["step"] for e in summary["growth_events"]]
+  units = plots.units_per_neuron(history, summary["architecture"])
+  for path, layer in summary["architecture"]["layers"].items():
+    assert units[path].sum() == sum(layer["units"])
+    # A stage holds each neuron once, so no neuron has more units than there were events.
+    assert units[path].max(initial=0) <= len(layer["units"])
+
+
+def _random_spectrum(variables, seed=0):
+  """A Spectrum of the right shapes for every GrowableDense (values irrelevant here)."""
+  rng = np.random.default_rng(seed)
+  kernels = spec.from_variables(variables)["layers"]
+  out = {}
+  for path, layer in kernels.items():
+    if path == "head":
+      continue
+    vecs = rng.normal(size=(layer["d_out"], layer["d_in"] + 1))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    out[path] = Spectrum(eigvals=rng.normal(size=layer["d_out"]), eigvecs=vecs,
+                         residuals=np.zeros(layer["d_out"]), input_scale=np.float32(1.0),
+                         start_dirs=vecs, start_rayleigh=rng.normal(size=layer["d_out"]))
+  return out
+
+
+def _grown_tiny_deit(events=2):
+  problem = make_deit()
+  variables = problem.variables
+  for event in range(events):
+    spectrum = _random_spectrum(variables, seed=event)
+    plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=event)
+    variables = grow.grow(variables, plan, spectrum)
+  return problem, variables
+
+
+def _matmul_flops(jaxpr) -> int:
+  """2 x multiply-adds of every dot_general and convolution in a jaxpr and its sub-jaxprs."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    out = eqn.outvars[0].aval.shape
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(out)) * int(np.prod([lhs[d] for d in contract]))
+    elif eqn.primitive.name == "conv_general_dilated":
+      kernel = eqn.invars[1].aval.shape
+      out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += 2 * int(np.prod(out)) * int(np.prod(kernel)) // out_features
+  return total + sum(_matmul_flops(sub) for sub in jax.extend.core.subjaxprs(jaxpr))
+
+
+def test_forward_flops_equals_the_jaxprs_matmul_count():
+  problem, variables = _grown_tiny_deit()
+  architecture = spec.from_variables(variables)
+  assert spec.unit_params(architecture) > 0
+  image = problem.batch[0][:1]
+  jaxpr = jax.make_jaxpr(lambda v: problem.model.apply(v, image, train=False))(variables)
+  assert report.forward_flops(architecture, image.shape[1:], problem.model.patch_size) == (
+      _matmul_flops(jaxpr.jaxpr))
+
+
+def _growth_event(workdir, step, variables):
+  spectrum = _random_spectrum(variables, seed=step)
+  plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=step)
+  grown = grow.grow(variables, plan, spectrum)
+  plots.growth_event_figures(workdir, step, spectrum, plan, spec.from_variables(grown))
+  return grown
+
+
+def test_growth_events_replayed_after_a_resume_replace_the_recorded_ones(tmp_path):
+  workdir = str(tmp_path)
+  after_10 = _growth_event(workdir, 10, make_deit().variables)
+  _growth_event(workdir, 20, after_10)
+  after_20 = _growth_event(workdir, 20, after_10)  # resumed from a checkpoint before step 20
+  with open(os.path.join(plots.plots_dir(workdir), plots.UNITS_HISTORY)) as f:
+    history = json.load(f)
+  assert [e["step"] for e in history] == [10, 20]
+  architecture = spec.from_variables(after_20)
+  units = plots.units_per_neuron(history, architecture)
+  assert all(units[p].sum() == sum(layer["units"]) for p, layer in architecture["layers"].items())
+  for name in (plots.eigenvalues_name(10), plots.units_name(20), plots.UNITS):
+    with open(os.path.join(plots.plots_dir(workdir), name), "rb") as f:
+      assert f.read(8) == PNG_MAGIC
