@@ -225,10 +225,10 @@ def main():
   parser.add_argument("--img-size", type=int, default=32)
   parser.add_argument("--patch-size", type=int, default=8)
   parser.add_argument("--batch-sizes", default=None,
-                      help="comma-separated probe batch sizes (default 8,64; --quick: 4)")
+                      help="comma-separated probe batch sizes (default 64; --quick: 4)")
   parser.add_argument("--methods", default="collected,streamed")
   args = parser.parse_args()
-  batch_sizes = [int(b) for b in (args.batch_sizes or ("4" if args.quick else "8,64")).split(",")]
+  batch_sizes = [int(b) for b in (args.batch_sizes or ("4" if args.quick else "64")).split(",")]
   if args.quick and args.variants == parser.get_default("variants"):
     args.variants = "Ti"  # DeiT-S alone compiles and runs for several minutes on 2 cores
   repeats, naive_neurons = (1, 2) if args.quick else (2, 6)
