@@ -1,6 +1,6 @@
 r"""Every benchmark, one after another, each in its own process; prints everything they print.
 
-  python benchmarks/run_all.py [--quick] [--markdown docs/benchmarks_evidence.md]
+  python benchmarks/run_all.py [--quick] [--markdown BENCHMARKS.md]
 
 --quick: shorter measurements and the tiny model where a benchmark allows (a smoke run of the
 whole set in a few minutes; its figures are noisier). --markdown also writes the date, the

@@ -1,6 +1,6 @@
 """Public growth API: spectrum -> plan -> grown variables -> migrated optimizer state.
 
-    spectrum = grow.splitting_spectrum(loss_fn, variables, batch, num_iters=32, rng=key)
+    spectrum = grow.splitting_spectrum(loss_fn, variables, batch, rng=key)
     plan = grow.select(spectrum, budget=100_000, threshold=0.0)
     variables = grow.grow(variables, plan, spectrum, mode="exact")
     opt_state = grow.migrate_opt_state(tx, opt_state, variables["params"])

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 # Unit nonlinearities s. Exact-erf GELU matches the DeiT MLP and is the default.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -73,14 +74,19 @@ def probe_branch(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Ar
   return s(zs + p) - s_zs - ds_p
 
 
-def apply_unit_stages(y, x_tilde, stages, activation: str = "gelu"):
+def apply_unit_stages(y, x, stages, activation: str = "gelu"):
   """Applies stages [(index [n], r [n, d_in+1], a [n]), ...] to y [..., d_out] in order.
 
-  One gather, one matmul and one scatter per stage; never a loop over neurons.
+  The directions r . x~ of every stage come from one matmul on x (x~ = [x, 1] is never
+  built: the last column of r is added as an offset); then one gather and one scatter per
+  stage, in order, since a stage reads the neuron outputs of the stages before it. Never a
+  loop over neurons.
   """
-  for index, r, a in stages:
+  r = jnp.concatenate([r for _, r, _ in stages]) if len(stages) > 1 else stages[0][1]
+  directions = jnp.einsum("...i,ni->...n", x, r[:, :-1]) + r[:, -1]
+  offsets = np.cumsum([len(index) for index, _, _ in stages])[:-1]
+  for (index, _, a), p in zip(stages, jnp.split(directions, offsets, axis=-1)):
     z = jnp.take(y, index, axis=-1)
-    p = jnp.einsum("...i,ni->...n", x_tilde, r)
     y = y.at[..., index].add(a * skip_unit(z, p, activation))
   return y
 
@@ -110,7 +116,7 @@ class GrowableDense(nn.Module):
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     stages = self.unit_stages(y.dtype)
     if stages:
-      y = apply_unit_stages(y, with_bias_input(inputs), stages, self.unit_activation)
+      y = apply_unit_stages(y, inputs, stages, self.unit_activation)
     return y
 
   def unit_stages(self, dtype) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
