@@ -171,6 +171,19 @@ def check_against_data(config, info: input_pipeline.DatasetInfo) -> None:
            f"must be at most the {info.num_train} {info.name} training images")
 
 
+def check_against_devices(config, num_devices: int) -> None:
+  """What the mesh needs: checked once the devices are known, before any work.
+
+  Every process holds the same number of devices, so a batch split evenly over the devices
+  is also split evenly over the processes.
+  """
+  _require(num_devices % config.mesh.fsdp == 0, "mesh.fsdp", config.mesh.fsdp,
+           f"must divide the number of devices ({num_devices})")
+  _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
+           f"must be a multiple of the number of devices ({num_devices}), since every device "
+           f"takes an equal part of each batch")
+
+
 # ---------------------------------------------------------------------------- sizing helpers
 
 VARIANT_WIDTHS = {"Ti": (192, 3), "S": (384, 6), "B": (768, 12)}

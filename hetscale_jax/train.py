@@ -304,6 +304,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
   config_lib.validate(config)
   info = input_pipeline.dataset_info(config.data)  # fails at once if the data is missing
   config_lib.check_against_data(config, info)
+  config_lib.check_against_devices(config, jax.device_count())
   with checkpoint.Checkpointer(workdir, config) as ckpt:
     return _train_and_evaluate(config, workdir, info, ckpt, stop_after_steps)
 

@@ -83,6 +83,19 @@ def test_bad_values_name_the_field(field, value, message):
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("batch_size, fsdp, message", [
+    (64, 3, "config.mesh.fsdp=3 is invalid: must divide the number of devices (8)"),
+    (60, 1, "config.batch_size=60 is invalid: must be a multiple of the number of devices (8)"),
+])
+def test_mesh_needs_are_checked_against_the_devices(batch_size, fsdp, message):
+  config = load_config("default")
+  config.batch_size, config.mesh.fsdp = batch_size, fsdp
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    config_lib.check_against_devices(config, 8)
+  config.batch_size, config.mesh.fsdp = 64, 2
+  config_lib.check_against_devices(config, 8)
+
+
 def test_both_budgets_or_neither_is_an_error():
   config = load_config("default")
   config.growth.budget_per_event = 1000
