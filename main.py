@@ -50,11 +50,11 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
-  if flags.FLAGS.fresh:
-    workdir = checkpoint.fresh_workdir(workdir)
-    print(f"fresh run in {workdir} (to resume it: --workdir {workdir}, without --fresh)")
   logging.info("config:\n%s", config)
   try:
+    if flags.FLAGS.fresh:
+      workdir = checkpoint.fresh_workdir(workdir)
+      print(f"fresh run in {workdir} (to resume it: --workdir {workdir}, without --fresh)")
     train.train_and_evaluate(config, workdir)
   except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, checkpoint.WorkdirError,
           checkpoint.CheckpointError, train.NonFiniteError) as e:

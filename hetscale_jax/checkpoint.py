@@ -98,12 +98,22 @@ def _refuse_other_config(where: str, stored: dict, current: dict):
         "--workdir (main.py --fresh picks a new sub-workdir).")
 
 
+def _require_local(workdir: str) -> None:
+  # Metrics, plots and summaries are written with Python's file functions, which would turn
+  # gs://bucket/run into a local directory named "gs:".
+  if "://" in workdir:
+    raise WorkdirError(
+        f"workdir {workdir}: URLs are not supported; nothing was written. Mount the bucket "
+        "(e.g. `gcsfuse BUCKET /mnt/BUCKET` on every worker) and pass the mounted path.")
+
+
 def claim_workdir(workdir: str, config) -> None:
   """Makes `workdir` this run's: fine if new, empty or holding a run of the same config.
 
-  Raises WorkdirError, having written nothing, if it holds another config's run or files that
-  are not a run. Otherwise writes config.json (if missing) before any training work.
+  Raises WorkdirError, having written nothing, if it is a URL, or holds another config's run
+  or files that are not a run. Otherwise writes config.json (if missing) before any training.
   """
+  _require_local(workdir)
   path = epath.Path(workdir)
   marker = path / CONFIG_FILE
   current = config_dict(config)
@@ -131,6 +141,7 @@ def claim_workdir(workdir: str, config) -> None:
 def fresh_workdir(workdir: str) -> str:
   """`workdir` if it is new or empty, else its first free sub-workdir fresh_1, fresh_2, ...:
   a place for a new run that touches nothing of what `workdir` holds."""
+  _require_local(workdir)
   path = epath.Path(workdir)
   if not path.exists() or not any(path.iterdir()):
     return workdir

@@ -362,6 +362,10 @@ def test_workdir_with_other_files_is_refused_and_fresh_picks_a_new_one(stopped, 
   assert os.listdir(foreign) == ["notes.txt"]
 
   assert checkpoint.fresh_workdir(str(tmp_path / "new")) == str(tmp_path / "new")
+  for call in (lambda w: train.train_and_evaluate(tiny_config(), w), checkpoint.fresh_workdir):
+    with pytest.raises(checkpoint.WorkdirError, match="URLs are not supported.*gcsfuse"):
+      call("gs://bucket/run")
+  assert not os.path.exists("gs:")
   assert checkpoint.fresh_workdir(str(foreign)) == str(foreign / "fresh_1")
   (foreign / "fresh_1").mkdir()
   assert checkpoint.fresh_workdir(str(foreign)) == str(foreign / "fresh_2")
