@@ -143,12 +143,16 @@ def fresh_workdir(workdir: str) -> str:
   a place for a new run that touches nothing of what `workdir` holds."""
   _require_local(workdir)
   path = epath.Path(workdir)
-  if not path.exists() or not any(path.iterdir()):
-    return workdir
-  n = 1
-  while (path / f"{FRESH_PREFIX}{n}").exists():
-    n += 1
-  return str(path / f"{FRESH_PREFIX}{n}")
+  chosen = workdir
+  if path.exists() and any(path.iterdir()):
+    n = 1
+    while (path / f"{FRESH_PREFIX}{n}").exists():
+      n += 1
+    chosen = str(path / f"{FRESH_PREFIX}{n}")
+  # Every process of a multi-host run looks before any claims (and creates) the one chosen:
+  # a process still looking after another's claim would pick the next sub-workdir.
+  multihost_utils.sync_global_devices("hetscale_jax fresh_workdir")
+  return chosen
 
 
 # ---------------------------------------------------------------------------- checksums
