@@ -305,13 +305,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = N
   info = input_pipeline.dataset_info(config.data)  # fails at once if the data is missing
   config_lib.check_against_data(config, info)
   config_lib.check_against_devices(config, jax.device_count())
+  # Before anything compiles (the workdir claim synchronises hosts): JAX sets its persistent
+  # cache up at the first compilation and ignores a directory named later.
+  enable_compilation_cache(config)
   with checkpoint.Checkpointer(workdir, config) as ckpt:
     return _train_and_evaluate(config, workdir, info, ckpt, stop_after_steps)
 
 
 def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointer,
                         stop_after_steps: int | None) -> dict | None:
-  enable_compilation_cache(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(config.data, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
