@@ -184,7 +184,9 @@ def run_all(configs: dict, jobs: int) -> dict:
   # Fresh interpreters (not fork): JAX's threads do not survive a fork.
   context = multiprocessing.get_context("spawn")
   start = time.perf_counter()
-  with futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+  # One run per worker process: a worker that kept its compiled executables across runs ran
+  # out of memory in LLVM after about 15 runs (2026-11-28, 24 GiB, 2 jobs).
+  with futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
     running = {pool.submit(train_one, *configs[key]): key for key in todo}
     for done, future in enumerate(futures.as_completed(running), 1):
       variant, seed = key = running[future]
