@@ -52,10 +52,7 @@ def main(argv):
       "workdirs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   logging.info("config:\n%s", config)
   try:
-    if flags.FLAGS.fresh:
-      workdir = checkpoint.fresh_workdir(workdir)
-      print(f"fresh run in {workdir} (to resume it: --workdir {workdir}, without --fresh)")
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, fresh=flags.FLAGS.fresh)
   except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, checkpoint.WorkdirError,
           checkpoint.CheckpointError, train.NonFiniteError) as e:
     sys.exit(f"error: {e}")

@@ -294,20 +294,25 @@ def enable_compilation_cache(config):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after_steps: int | None = None) -> dict | None:
+def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
+                       stop_after_steps: int | None = None) -> dict | None:
   """Trains (or resumes) the run of `config` in `workdir`; returns the final summary.
 
   Returns None if the run stopped early, with a checkpoint to resume from: on SIGTERM, or at
   `stop_after_steps` (a stop that leaves the config, hence the schedule, unchanged). Bad
-  inputs and a workdir of another run are refused before anything is written.
+  inputs and a workdir of another run are refused before anything is written. `fresh` starts
+  a new run in a new sub-workdir of `workdir` if it holds anything (checkpoint.fresh_workdir).
   """
   config_lib.validate(config)
   info = input_pipeline.dataset_info(config.data)  # fails at once if the data is missing
   config_lib.check_against_data(config, info)
   config_lib.check_against_devices(config, jax.device_count())
-  # Before anything compiles (the workdir claim synchronises hosts): JAX sets its persistent
-  # cache up at the first compilation and ignores a directory named later.
+  # Before anything compiles (choosing and claiming the workdir synchronise hosts): JAX sets
+  # its persistent cache up at the first compilation and ignores a directory named later.
   enable_compilation_cache(config)
+  if fresh:
+    workdir = checkpoint.fresh_workdir(workdir)
+    print(f"fresh run in {workdir} (to resume it: --workdir {workdir}, without --fresh)")
   with checkpoint.Checkpointer(workdir, config) as ckpt:
     return _train_and_evaluate(config, workdir, info, ckpt, stop_after_steps)
 
