@@ -196,7 +196,9 @@ def _manager(directory: epath.Path, **options) -> ocp.CheckpointManager:
     json_handler = ocp.handlers.JsonCheckpointHandler()
     registry.add(item, ocp.args.JsonSave, json_handler)
     registry.add(item, ocp.args.JsonRestore, json_handler)
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**options),
+  # Absolute: orbax's tensorstore writer refuses a relative path (main.py's default workdir).
+  return ocp.CheckpointManager(directory.absolute(),
+                               options=ocp.CheckpointManagerOptions(**options),
                                handler_registry=registry)
 
 

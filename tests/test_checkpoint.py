@@ -115,11 +115,15 @@ def restore_target(config):
 
 # ---------------------------------------------------------------------------- resume
 
-def test_resumed_run_ends_bit_for_bit_as_the_uninterrupted_one(reference, stopped, tmp_path, capsys):
+def test_resumed_run_ends_bit_for_bit_as_the_uninterrupted_one(reference, stopped, tmp_path, capsys,
+                                                               monkeypatch):
   ref_dir, ref = reference
   assert checkpoint_steps(ref_dir) == [60, 80, 88]  # every 20, after events, the end; last 3
   assert checkpoint_steps(stopped) == [20, 22, STOP_STEP]
-  workdir = copy_of(stopped, tmp_path)
+  copy_of(stopped, tmp_path)
+  # Relative, like main.py's default workdir: orbax itself accepts only absolute paths.
+  monkeypatch.chdir(tmp_path)
+  workdir = "run"
 
   resumed = train.train_and_evaluate(tiny_config(), workdir)
   assert f"resumed at step {STOP_STEP} with 1 events done" in capsys.readouterr().out
