@@ -27,7 +27,7 @@ def get_config():
   c.growth.epochs = (8.0, 16.0, 24.0)
   c.growth.target_params = 120_000
   c.growth.max_layer_fraction = 0.5
-  c.growth.num_iters = 24
+  c.growth.num_iters = 12
 
   c.log_every_steps = 100
   c.eval_every_epochs = 10.0

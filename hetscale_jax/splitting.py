@@ -15,8 +15,10 @@ exactly block-diagonal (`layers.probe_branch`). Two forms give the same operator
   layer-local jvp-over-grad of sum g * probe_branch(z, x~ D^T), which costs two matmuls per
   layer instead of a network pass. Holds all activations of the probe batch in memory.
 
-A batched Lanczos (one Krylov sequence per neuron, all neurons of all layers in parallel,
-fully re-orthogonalised) then yields each neuron's smallest eigenpair.
+A batched Lanczos (one Krylov sequence per neuron, all neurons of a layer in parallel, fully
+re-orthogonalised) then yields each neuron's smallest eigenpair. With collected statistics the
+layers run one after another, so only one layer's Krylov basis is ever held; streamed products
+serve all layers at once, so all layers share one loop.
 
 Layers are found by intercepting GrowableDense calls while the user's loss runs, so any
 linen model built from GrowableDense works and the model itself knows nothing of this.
@@ -205,61 +207,56 @@ def unstack_groups(tree: dict[tuple, Any], groups) -> dict[LayerPath, Any]:
           for key, paths in groups.items() for i, p in enumerate(paths)}
 
 
+def layer_hvp(x_tilde, z, g, activation: str):
+  """V [d_out, d_in+1] -> S V for one layer from its collected statistics: the jvp in D of
+  local_probe_gradient, taken once with jax.linearize (a plain jvp would also recompute the
+  primal gradient at D = 0 in every product, doubling its matmuls)."""
+  gradient = functools.partial(local_probe_gradient, x_tilde, z, g, activation=activation)
+  zeros = jnp.zeros(z.shape[-1:] + x_tilde.shape[-1:], x_tilde.dtype)
+  return jax.linearize(gradient, zeros)[1]
+
+
 def collected_hvp(stats, activations: dict[LayerPath, str]):
-  """V -> {path: S V} from collected statistics: jvp-over-grad of the layer-local probe
-  branches, vmapped over each group of same-shaped layers.
-
-  The jvp is taken once with jax.linearize, outside the Lanczos loop: a plain jvp would also
-  recompute the primal gradient at D = 0 in every product, which doubled its matmuls.
-  """
-  groups = group_layers({p: (x.shape, z.shape, activations[p]) for p, (x, z, _) in stats.items()})
-  stacked = stack_groups(stats, groups)
-  linear = {}
-  for key, (x_tilde, z, g) in stacked.items():
-    gradient = functools.partial(jax.vmap(functools.partial(local_probe_gradient,
-                                                            activation=key[2])), x_tilde, z, g)
-    zeros = jnp.zeros(z.shape[:1] + z.shape[-1:] + x_tilde.shape[-1:], x_tilde.dtype)
-    linear[key] = jax.linearize(gradient, zeros)[1]
-
-  def hvp(vecs):
-    products = {key: linear[key](stack_groups(vecs, {key: paths})[key])
-                for key, paths in groups.items()}
-    return unstack_groups(products, groups)
-  return hvp
+  """V -> {path: S V} for all layers from collected statistics (layer_hvp of each)."""
+  products = {p: layer_hvp(*stats[p], activations[p]) for p in stats}
+  return lambda vecs: {p: products[p](v) for p, v in vecs.items()}
 
 
 def _rowdot(a, b):
   return jnp.sum(a * b, axis=-1)
 
 
-def _orthogonalise(w, basis):
-  """w [..., n] minus its projection on basis [..., k, n] (one basis per neuron), done twice
-  for numerical orthogonality (classical Gram-Schmidt, twice is enough).
+def _orthogonalise(w, basis, count, passes: int = 1):
+  """w [..., n] minus its projection on the first `count` rows of basis [k, ..., n] (one
+  basis per neuron): classical Gram-Schmidt, `passes` times.
 
-  The basis is the largest array of the spectrum and each pass only streams through it, so
-  the products are written as elementwise products and sums, which XLA fuses into loops that
-  read it once at memory speed; as einsums they became one tiny matrix-vector product per
-  neuron, 2x slower on CPU (and the basis is neuron-major so that neither needs a transpose).
+  The basis is the largest array of the spectrum and memory-bound passes over it cost more
+  than the products at small probes, so each pass reads the rows filled so far, twice (the
+  coefficients, then the update), not the whole preallocated basis.
   """
-  for _ in range(2):
-    coefficients = jnp.sum(basis * w[..., None, :], axis=-1)
-    w = w - jnp.sum(coefficients[..., None] * basis, axis=-2)
+  for _ in range(passes):
+    coefficients = jax.lax.fori_loop(
+        0, count, lambda k, c, w=w: c.at[k].set(_rowdot(w, basis[k])),
+        jnp.zeros(basis.shape[:-1], w.dtype))
+    w = jax.lax.fori_loop(0, count, lambda k, v, c=coefficients: v - c[k][..., None] * basis[k], w)
   return w
 
 
-def _restart(nxt, broke, restart, basis):
-  """nxt with the rows of neurons that broke down replaced by restart, orthogonalised."""
-  fresh = _orthogonalise(restart, basis)
+def _restart(nxt, broke, key, basis, count):
+  """nxt with the rows of neurons that broke down replaced by fresh random directions,
+  orthogonalised."""
+  # A random vector lies mostly in the basis' span: twice is enough (and needed).
+  fresh = _orthogonalise(_random_unit_rows(key, nxt.shape, nxt.dtype), basis, count, passes=2)
   fresh = fresh / jnp.linalg.norm(fresh, axis=-1, keepdims=True)
   return jnp.where(broke[..., None], fresh, nxt)
 
 
-def lanczos_smallest(hvp, start: dict, restarts: dict, num_iters: int):
+def lanczos_smallest(hvp, start: dict, rng: jax.Array, num_iters: int):
   """Smallest eigenpair of every neuron's matrix, given hvp: {p: V [..., n]} -> {p: S V}.
 
   Every entry p holds one n x n matrix per index of its leading dims (neurons, or layers x
-  neurons). start[p] [..., n]: unit start vectors; restarts[p] [num_iters, ..., n]: random
-  vectors that continue the sequence where it breaks down (an invariant subspace was found).
+  neurons). start[p] [..., n]: unit start vectors; rng draws the random vectors that continue
+  a sequence where it breaks down (an invariant subspace was found).
   An entry with n < num_iters has a complete basis after n vectors; only those enter its
   Ritz values. Returns {p: (eigvals [...], eigvecs [..., n], residuals [...], start
   Rayleigh quotients [...])}.
@@ -269,71 +266,145 @@ def lanczos_smallest(hvp, start: dict, restarts: dict, num_iters: int):
 
   def body(i, carry):
     basis, alphas, betas = carry
-    q = {p: basis[p][..., i, :] for p in basis}
+    q = {p: basis[p][i] for p in basis}
     w = hvp(q)
     new_basis, new_alphas, new_betas = {}, {}, {}
-    for p in basis:
+    for entry, p in enumerate(basis):
       alpha = _rowdot(w[p], q[p])
-      wp = _orthogonalise(w[p], basis[p])
+      # The three-term recurrence removes the large components along q_i and q_{i-1} (beta
+      # is 0 at i = 0 and after a restart); one pass against the whole basis then removes
+      # the rounding drift that would otherwise make converged eigenvalues reappear.
+      previous_beta = jnp.where(i > 0, betas[p][jnp.maximum(i - 1, 0)], 0.0)
+      wp = (w[p] - alpha[..., None] * q[p]
+            - previous_beta[..., None] * basis[p][jnp.maximum(i - 1, 0)])
+      norm_before = jnp.linalg.norm(wp, axis=-1)
+      wp = _orthogonalise(wp, basis[p], i + 1)
       beta = jnp.linalg.norm(wp, axis=-1)
+      # A second pass where the first removed most of some neuron's vector: what is left is
+      # then mostly rounding and no longer orthogonal ("twice is enough", Daniel, Gragg,
+      # Kaufman and Stewart's criterion).
+      def second_pass(v, basis=basis[p]):
+        v = _orthogonalise(v, basis, i + 1)
+        return v, jnp.linalg.norm(v, axis=-1)
+      wp, beta = jax.lax.cond(jnp.any(beta < 0.7 * norm_before), second_pass,
+                              lambda v: (v, beta), wp)
       eps = jnp.finfo(wp.dtype).eps
       scale = jnp.maximum(jnp.max(jnp.abs(alphas[p]), axis=0), jnp.max(betas[p], axis=0))
       # Breakdown only at rounding level: a beta declared zero is dropped from the tridiagonal
       # matrix and moves its Ritz values by up to beta, so the former sqrt(eps) threshold
       # allowed errors up to sqrt(eps) |S| (seen: 3e-9 |S| in float64 with a full basis).
-      # Small genuine betas are safe to follow: the next vector is re-orthogonalised twice.
+      # Small genuine betas are safe to follow: such a vector is re-orthogonalised twice.
       broke = beta <= 10 * eps * jnp.maximum(jnp.maximum(scale, jnp.abs(alpha)), eps)
       nxt = wp / jnp.where(broke, 1.0, beta)[..., None]
       # Restart vectors cost another pass over the basis: only when some neuron broke down.
-      nxt = jax.lax.cond(jnp.any(broke), _restart, lambda n, *_: n, nxt, broke, restarts[p][i],
-                         basis[p])
+      restart_key = jax.random.fold_in(jax.random.fold_in(rng, entry), i)
+      nxt = jax.lax.cond(jnp.any(broke), _restart, lambda n, *_: n, nxt, broke, restart_key,
+                         basis[p], i + 1)
       has_next = i + 1 < iters[p]
-      new_basis[p] = basis[p].at[..., i + 1, :].set(jnp.where(has_next, nxt, 0.0))
+      new_basis[p] = basis[p].at[i + 1].set(jnp.where(has_next, nxt, 0.0))
       new_alphas[p] = alphas[p].at[i].set(alpha)
-      new_betas[p] = betas[p].at[i].set(jnp.where(broke | ~has_next, 0.0, beta))
+      # The last beta couples to nothing; it is kept for the residuals.
+      new_betas[p] = betas[p].at[i].set(jnp.where(broke, 0.0, beta))
     return new_basis, new_alphas, new_betas
 
-  basis = {p: jnp.zeros(v.shape[:-1] + (num_iters + 1, v.shape[-1]), v.dtype).at[..., 0, :].set(v)
-           for p, v in start.items()}
+  # Row-major in the iteration: one Lanczos vector of all neurons is one contiguous row.
+  basis = {p: jnp.zeros((num_iters + 1,) + v.shape, v.dtype).at[0].set(v) for p, v in start.items()}
   alphas = {p: jnp.zeros((num_iters,) + v.shape[:-1], v.dtype) for p, v in start.items()}
   betas = {p: jnp.zeros((num_iters,) + v.shape[:-1], v.dtype) for p, v in start.items()}
   basis, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
 
-  theta, y = _smallest_ritz_pairs(alphas, betas, iters, num_iters)
-  ritz = {}
+  out = {}
   for p in start:
-    vec = jnp.einsum("...k,...kn->...n", y[p], basis[p][..., :num_iters, :])
-    ritz[p] = (theta[p], vec / jnp.linalg.norm(vec, axis=-1, keepdims=True))
-  sv = hvp({p: v for p, (_, v) in ritz.items()})
-  return {p: (lam, v, jnp.linalg.norm(sv[p] - lam[..., None] * v, axis=-1), alphas[p][0])
-          for p, (lam, v) in ritz.items()}
-
-
-def _smallest_ritz_pairs(alphas, betas, iters, num_iters):
-  """Smallest eigenpair of every neuron's Lanczos tridiagonal matrix, in ONE batched eigh.
-
-  One call on purpose: jaxlib's CPU eigh spreads its batch over the intra-op thread pool and
-  waits for it, and two such calls running side by side (one per layer) deadlocked on a
-  2-core machine. A layer with fewer iterations than num_iters is padded with a decoupled
-  diagonal above its spectrum, which never yields the smallest pair and gets weight 0.
-  """
-  tris = []
-  for p in alphas:
     k = iters[p]
-    a = jnp.moveaxis(alphas[p], 0, -1).reshape(-1, num_iters)  # [neurons, num_iters]
-    b = jnp.moveaxis(betas[p], 0, -1).reshape(-1, num_iters)[:, :-1]
-    b = jnp.where(jnp.arange(num_iters - 1) < k - 1, b, 0.0)
-    pad = 2 * jnp.max(jnp.abs(a[:, :k]), axis=1, keepdims=True) + 2 * jnp.max(b, initial=0.0) + 1
-    a = jnp.where(jnp.arange(num_iters) < k, a, pad)
-    tri = jnp.vectorize(jnp.diag, signature="(k)->(k,k)")(a)
-    off = jnp.vectorize(lambda x: jnp.diag(x, 1), signature="(j)->(k,k)")(b)
-    tris.append(tri + off + jnp.swapaxes(off, -1, -2))
-  theta, y = jnp.linalg.eigh(jnp.concatenate(tris))
-  sizes = np.cumsum([t.shape[0] for t in tris])[:-1]
-  shapes = {p: alphas[p].shape[1:] for p in alphas}
-  return ({p: t[:, 0].reshape(shapes[p]) for p, t in zip(alphas, jnp.split(theta, sizes))},
-          {p: v[:, :, 0].reshape(shapes[p] + (num_iters,))
-           for p, v in zip(alphas, jnp.split(y, sizes))})
+    theta, y = _tridiagonal_smallest_pair(jnp.moveaxis(alphas[p][:k], 0, -1),
+                                          jnp.moveaxis(betas[p][:k - 1], 0, -1))
+    vec = jnp.einsum("...k,k...n->...n", y, basis[p][:k])
+    norm = jnp.linalg.norm(vec, axis=-1)
+    # S Q = Q T + beta_k q_{k+1} e_k^T, so |S v - theta v| = |beta_k y_k| for v = Q y: the
+    # residual without another product (tests check it against the explicit one).
+    residual = jnp.abs(betas[p][k - 1] * y[..., k - 1]) / norm
+    out[p] = (theta, vec / norm[..., None], residual, alphas[p][0])
+  return out
+
+
+def _tridiagonal_smallest_pair(a, b, points: int = 15):
+  """Smallest eigenpair of symmetric tridiagonal matrices: diagonals a [..., k], off-diagonals
+  b [..., k-1]; returns (eigenvalues [...], unit eigenvectors [..., k]).
+
+  Plain XLA ops, no LAPACK: jaxlib's CPU eigh spreads a batch over the intra-op thread pool
+  and blocks a pool thread waiting for it, which deadlocked inside the Lanczos loops (seen on
+  2 cores). Multisection on Sturm counts (`points` shifts per step) brings the eigenvalue to
+  rounding level of |T|, as LAPACK's bisection does; the eigenvector comes from the twisted
+  factorisation of T - theta at its most singular index (as in MRRR), stable for an accurate
+  theta. Breakdowns (zero b) decouple the matrix and are handled as such.
+  """
+  dtype = a.dtype
+  eps = jnp.finfo(dtype).eps
+  k = a.shape[-1]
+  zero = jnp.zeros(a.shape[:-1] + (1,), dtype)
+  b_before = jnp.concatenate([zero, b], axis=-1)  # b_{i-1}, 0 at i = 0
+  b_after = jnp.concatenate([b, zero], axis=-1)   # b_i, 0 at i = k-1
+  radius = jnp.abs(b_before) + jnp.abs(b_after)
+  scale = jnp.maximum(jnp.max(jnp.abs(a) + radius, axis=-1), jnp.finfo(dtype).tiny)
+  # Pivots smaller than this are replaced by it (LAPACK's pivmin): no division by zero.
+  pivmin = eps * eps * scale
+
+  def guarded(q, floor):
+    return jnp.where(jnp.abs(q) < floor, -floor, q)
+
+  rows = lambda x: jnp.moveaxis(x, -1, 0)  # [k, ...]: scans run over the matrix index
+
+  def count_below(shifts):  # [..., m] -> number of eigenvalues below each shift
+    def step(carry, row):
+      q, count = carry
+      a_i, b2_i = row
+      q = guarded((a_i[..., None] - shifts) - b2_i[..., None] / q, pivmin[..., None])
+      return (q, count + (q < 0)), None
+    init = (jnp.ones_like(shifts), jnp.zeros(shifts.shape, jnp.int32))
+    return jax.lax.scan(step, init, (rows(a), rows(b_before ** 2)))[0][1]
+
+  def narrow(_, bounds):
+    lo, hi = bounds
+    x = lo[..., None] + (hi - lo)[..., None] * (jnp.arange(1, points + 1, dtype=dtype) / (points + 1))
+    below = count_below(x) > 0
+    return (jnp.maximum(lo, jnp.max(jnp.where(below, lo[..., None], x), axis=-1)),
+            jnp.minimum(hi, jnp.min(jnp.where(below, x, hi[..., None]), axis=-1)))
+  # Gershgorin's lower bound, and the smallest diagonal entry (a Rayleigh quotient) above.
+  bounds = (jnp.min(a - radius, axis=-1), jnp.min(a, axis=-1))
+  steps = int(np.ceil(-np.log2(eps) / np.log2(points + 1))) + 2
+  lo, hi = jax.lax.fori_loop(0, steps, narrow, bounds)
+  theta = 0.5 * (lo + hi)
+
+  shifted = a - theta[..., None]
+  def pivots(carry, row):
+    s_i, b2_i = row
+    d = guarded(s_i - b2_i / carry, pivmin)
+    return d, d
+  ones = jnp.ones(theta.shape, dtype)
+  _, forward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b_before ** 2)))
+  _, backward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b_after ** 2)), reverse=True)
+  forward, backward = jnp.moveaxis(forward, 0, -1), jnp.moveaxis(backward, 0, -1)
+  twist = jnp.argmin(jnp.abs(forward + backward - shifted), axis=-1)
+
+  index = jnp.arange(k)
+  def below_twist(z_before, row):  # i > r: z_i = -b_{i-1} / backward_i z_{i-1}
+    i, b_i, d_i = row
+    z = jnp.where(i == twist, 1.0, jnp.where(i > twist, -b_i / d_i * z_before, 0.0)).astype(dtype)
+    return z, z
+  _, z = jax.lax.scan(below_twist, jnp.zeros(theta.shape, dtype),
+                      (index, rows(b_before), rows(backward)))
+  def above_twist(z_after, row):  # i < r: z_i = -b_i / forward_i z_{i+1}
+    i, b_i, d_i, z_i = row
+    z_i = jnp.where(i < twist, -b_i / d_i * z_after, z_i)
+    return z_i, z_i
+  _, z = jax.lax.scan(above_twist, jnp.zeros(theta.shape, dtype),
+                      (index, rows(b_after), rows(forward), z), reverse=True)
+  z = jnp.moveaxis(z, 0, -1)
+  # The sign that LAPACK would leave to chance, fixed: first component >= 0. For a Lanczos
+  # matrix the Ritz vector then points along its start vector, and it does not flip where
+  # rounding differs (another device layout) and moves the twist index.
+  z = jnp.where(z[..., :1] < 0, -z, z)
+  return theta, z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
 
 def _random_unit_rows(key, shape, dtype):
@@ -344,41 +415,68 @@ def _random_unit_rows(key, shape, dtype):
 METHODS = ("collected", "streamed")
 
 
+def _collected_pairs(stats, groups, start, restart_keys, num_iters):
+  """Lanczos one layer at a time from collected statistics: {path: (eigvals, eigvecs,
+  residuals, start Rayleigh quotients)}.
+
+  The products of a layer need only its own statistics, so the layers need not share a
+  Krylov sequence: each runs alone and only one layer's basis exists at any time (all layers'
+  bases at once were the spectrum's largest array). lax.map over each group of same-shaped
+  layers keeps the compiled program as small as one layer's.
+  """
+  pairs, previous = {}, None
+  for key, paths in groups.items():
+    inputs = tuple(jnp.stack([stats[p][i] for p in paths]) for i in range(3)) + (
+        jnp.stack([start[p] for p in paths]), jnp.stack([restart_keys[p] for p in paths]))
+    if previous is not None:
+      # Group after group: XLA may otherwise run them side by side, each with its basis.
+      previous, inputs = jax.lax.optimization_barrier((previous, inputs))
+
+    def one_layer(layer, activation=key[2]):
+      x_tilde, z, g, v, rng = layer
+      return lanczos_smallest(lambda q: {"": layer_hvp(x_tilde, z, g, activation)(q[""])},
+                              {"": v}, rng, num_iters)[""]
+    previous = jax.lax.map(one_layer, inputs)
+    pairs.update({p: jax.tree.map(lambda a, i=i: a[i], previous) for i, p in enumerate(paths)})
+  return pairs
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "method"))
 def _spectrum(loss_fn, variables, batch, rng, num_iters, method):
   # The layers of the first batch: loss_fn takes one batch, never the list.
   shapes = find_growable_layers(loss_fn, variables, _as_batches(batch)[0])
-  activations = {p: s["activation"] for p, s in shapes.items()}
   dtype = jnp.promote_types(jax.tree.leaves(variables["params"])[0].dtype, jnp.float32)
-  if method == "collected":
-    hvp = collected_hvp(collect_layer_statistics(loss_fn, variables, batch), activations)
-  else:
-    hvp = streamed_hvp(loss_fn, variables, batch, activations)
-  start, restarts = {}, {}
+  rng, restart_rng = jax.random.split(rng)
+  start, restart_keys = {}, {}
   for i, (p, s) in enumerate(sorted(shapes.items())):
-    k1, k2 = jax.random.split(jax.random.fold_in(rng, i))
+    k1, restart_keys[p] = jax.random.split(jax.random.fold_in(rng, i))
     start[p] = _random_unit_rows(k1, (s["d_out"], s["d_in"] + 1), dtype)
-    restarts[p] = _random_unit_rows(k2, (num_iters, s["d_out"], s["d_in"] + 1), dtype)
-  # Lanczos runs on groups of same-shaped layers: far fewer ops to compile for deep models.
+  # Same-shaped layers (the qkv of every block of a uniform DeiT) form one group that one set
+  # of ops serves: far less to compile for deep models.
   groups = group_layers({p: (s["d_out"], s["d_in"], s["activation"]) for p, s in shapes.items()})
-  restart_groups = {key: jnp.stack([restarts[p] for p in paths], axis=1)
-                    for key, paths in groups.items()}
-  pairs = unstack_groups(lanczos_smallest(
-      lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
-      stack_groups(start, groups), restart_groups, num_iters), groups)
+  if method == "collected":
+    pairs = _collected_pairs(collect_layer_statistics(loss_fn, variables, batch), groups, start,
+                             restart_keys, num_iters)
+  else:
+    # Every streamed product re-runs the network for all layers: one sequence for them all.
+    hvp = streamed_hvp(loss_fn, variables, batch, {p: s["activation"] for p, s in shapes.items()})
+    pairs = unstack_groups(lanczos_smallest(
+        lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
+        stack_groups(start, groups), restart_rng, num_iters), groups)
   scales = input_scales(loss_fn, variables, batch)
   return {p: Spectrum(eigvals=lam, eigvecs=v, residuals=res, input_scale=scales[p],
                       start_dirs=start[p], start_rayleigh=rayleigh)
           for p, (lam, v, res, rayleigh) in pairs.items()}
 
 
-# Smallest-eigenvalue error against dense eigh (float32, DeiT-Ti widths at init, 16 neurons per
-# layer), median / 90th percentile of |dlambda|/|lambda|: 136 probe tokens 2.8e-7 / 2.4e-6 at 24
-# iterations (3.7e-6 at 20, 2.4e-4 at 16, 6.3e-3 at 12); 4,160 tokens 3.4e-7 / 1.6e-6. Extreme
-# eigenvalues, the ones selection needs, converge first. At 20 one neuron in 64 still stood at
-# 1.3e-4 |S_j|; 24 bring all to 4e-6 |S_j| (tests/test_splitting.py), for 25 products (32
-# took 33: each about one train-step gradient).
-DEFAULT_NUM_ITERS = 24
+# Chosen for what growth uses. The neurons an event picks have the most negative eigenvalues,
+# which Lanczos finds first: at 12 iterations the picks equal those from dense eigh, and their
+# eigenvalues agree to float32 rounding (max 5.8e-7 relative), on DeiT-Ti widths at init
+# (tests/test_splitting.py) and at all three growth events of the default config's training.
+# What converges last are eigenvalues near zero, which are never picked (DeiT-Ti widths: p90
+# relative error 1e-3 at 12, 5e-6 at 16; see BENCHMARKS.md). 12 products cost about 8
+# train-step gradients at DeiT-S widths; growth.num_iters trades the two per run.
+DEFAULT_NUM_ITERS = 12
 
 
 def splitting_spectrum(loss_fn: LossFn, variables, batch, *, num_iters: int = DEFAULT_NUM_ITERS,
