@@ -271,12 +271,12 @@ def lanczos_smallest(hvp, start: dict, rng: jax.Array, num_iters: int):
     new_basis, new_alphas, new_betas = {}, {}, {}
     for entry, p in enumerate(basis):
       alpha = _rowdot(w[p], q[p])
-      # The three-term recurrence removes the large components along q_i and q_{i-1} (beta
-      # is 0 at i = 0 and after a restart); one pass against the whole basis then removes
-      # the rounding drift that would otherwise make converged eigenvalues reappear.
-      previous_beta = jnp.where(i > 0, betas[p][jnp.maximum(i - 1, 0)], 0.0)
-      wp = (w[p] - alpha[..., None] * q[p]
-            - previous_beta[..., None] * basis[p][jnp.maximum(i - 1, 0)])
+      # The three-term recurrence removes the large components along q_i and q_{i-1}; one
+      # pass against the whole basis then removes the rounding drift that would otherwise
+      # make converged eigenvalues reappear. At i = 0 the index clamps to 0, where betas is
+      # still all zeros; after a restart the beta is 0 too.
+      previous = jnp.maximum(i - 1, 0)
+      wp = w[p] - alpha[..., None] * q[p] - betas[p][previous][..., None] * basis[p][previous]
       norm_before = jnp.linalg.norm(wp, axis=-1)
       wp = _orthogonalise(wp, basis[p], i + 1)
       beta = jnp.linalg.norm(wp, axis=-1)
@@ -344,6 +344,7 @@ def _tridiagonal_smallest_pair(a, b, points: int = 15):
   zero = jnp.zeros(a.shape[:-1] + (1,), dtype)
   b_before = jnp.concatenate([zero, b], axis=-1)  # b_{i-1}, 0 at i = 0
   b_after = jnp.concatenate([b, zero], axis=-1)   # b_i, 0 at i = k-1
+  b2_before, b2_after = b_before ** 2, b_after ** 2
   radius = jnp.abs(b_before) + jnp.abs(b_after)
   scale = jnp.maximum(jnp.max(jnp.abs(a) + radius, axis=-1), jnp.finfo(dtype).tiny)
   # Pivots smaller than this are replaced by it (LAPACK's pivmin): no division by zero.
@@ -361,7 +362,7 @@ def _tridiagonal_smallest_pair(a, b, points: int = 15):
       q = guarded((a_i[..., None] - shifts) - b2_i[..., None] / q, pivmin[..., None])
       return (q, count + (q < 0)), None
     init = (jnp.ones_like(shifts), jnp.zeros(shifts.shape, jnp.int32))
-    return jax.lax.scan(step, init, (rows(a), rows(b_before ** 2)))[0][1]
+    return jax.lax.scan(step, init, (rows(a), rows(b2_before)))[0][1]
 
   def narrow(_, bounds):
     lo, hi = bounds
@@ -381,8 +382,8 @@ def _tridiagonal_smallest_pair(a, b, points: int = 15):
     d = guarded(s_i - b2_i / carry, pivmin)
     return d, d
   ones = jnp.ones(theta.shape, dtype)
-  _, forward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b_before ** 2)))
-  _, backward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b_after ** 2)), reverse=True)
+  _, forward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b2_before)))
+  _, backward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b2_after)), reverse=True)
   forward, backward = jnp.moveaxis(forward, 0, -1), jnp.moveaxis(backward, 0, -1)
   twist = jnp.argmin(jnp.abs(forward + backward - shifted), axis=-1)
 
@@ -434,8 +435,8 @@ def _collected_pairs(stats, groups, start, restart_keys, num_iters):
 
     def one_layer(layer, activation=key[2]):
       x_tilde, z, g, v, rng = layer
-      return lanczos_smallest(lambda q: {"": layer_hvp(x_tilde, z, g, activation)(q[""])},
-                              {"": v}, rng, num_iters)[""]
+      product = layer_hvp(x_tilde, z, g, activation)  # linearised once, outside the loop
+      return lanczos_smallest(lambda q: {"": product(q[""])}, {"": v}, rng, num_iters)[""]
     previous = jax.lax.map(one_layer, inputs)
     pairs.update({p: jax.tree.map(lambda a, i=i: a[i], previous) for i, p in enumerate(paths)})
   return pairs
