@@ -427,14 +427,17 @@ def _collected_pairs(stats, groups, start, restart_keys, num_iters):
   """
   pairs, previous = {}, None
   for key, paths in groups.items():
-    inputs = tuple(jnp.stack([stats[p][i] for p in paths]) for i in range(3)) + (
-        jnp.stack([start[p] for p in paths]), jnp.stack([restart_keys[p] for p in paths]))
+    inputs = (jnp.arange(len(paths)), jnp.stack([start[p] for p in paths]),
+              jnp.stack([restart_keys[p] for p in paths]))
     if previous is not None:
       # Group after group: XLA may otherwise run them side by side, each with its basis.
       previous, inputs = jax.lax.optimization_barrier((previous, inputs))
 
-    def one_layer(layer, activation=key[2]):
-      x_tilde, z, g, v, rng = layer
+    def one_layer(layer, activation=key[2], paths=paths):
+      index, v, rng = layer
+      # The layer's statistics picked by index: stacked for lax.map, the whole probe's
+      # statistics would be held a second time.
+      x_tilde, z, g = jax.lax.switch(index, [lambda p=p: stats[p] for p in paths])
       product = layer_hvp(x_tilde, z, g, activation)  # linearised once, outside the loop
       return lanczos_smallest(lambda q: {"": product(q[""])}, {"": v}, rng, num_iters)[""]
     previous = jax.lax.map(one_layer, inputs)
