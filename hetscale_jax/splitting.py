@@ -1,4 +1,4 @@
-"""Every neuron's splitting-matrix spectrum, matrix-free (DESIGN section 3).
+"""Every neuron's splitting-matrix spectrum, matrix-free (docs/method.md, "The splitting matrix").
 
 For neuron j of a GrowableDense, with g = dL/dy_j, z = y_j (its current output) and
 x~ = [x, 1] at every token of the probe batch,
@@ -7,7 +7,8 @@ x~ = [x, 1] at every token of the probe batch,
 
 Products S_j v_j for all neurons of all layers come from one forward-over-reverse product
 (`jax.jvp` of `jax.grad`) of the loss in a zero-valued probe parameter D whose Hessian is
-exactly block-diagonal (`layers.probe_branch`). Two forms give the same operator:
+exactly block-diagonal (`layers.probe_branch`; docs/method.md, "The probe branch"). Two forms
+give the same operator:
 
 * "streamed": every product re-runs the network on the probe batch with the probe branch
   attached; memory is that of one training step, whatever the batch size.
@@ -15,16 +16,18 @@ exactly block-diagonal (`layers.probe_branch`). Two forms give the same operator
   layer-local jvp-over-grad of sum g * probe_branch(z, x~ D^T), which costs two matmuls per
   layer instead of a network pass. Holds all activations of the probe batch in memory.
 
-A batched Lanczos (one Krylov sequence per neuron, all neurons of a layer in parallel, fully
-re-orthogonalised) then yields each neuron's smallest eigenpair. With collected statistics the
-layers run one after another, so only one layer's Krylov basis is ever held; streamed products
-serve all layers at once, so all layers share one loop.
+The batched Lanczos of `hetscale_jax.lanczos` then yields each neuron's smallest eigenpair, in
+the dtype of the layer's statistics (at least float32, whatever the parameters' dtype). With
+collected statistics the layers run one after another, so only one layer's Krylov basis is ever
+held; streamed products serve all layers at once, so all layers share one loop.
 
 Layers are found by intercepting GrowableDense calls while the user's loss runs, so any
-linen model built from GrowableDense works and the model itself knows nothing of this.
+linen model built from GrowableDense works and the model itself knows nothing of this. A
+layer filter restricts all of it to the layers it keeps: the others get no statistics, no
+probe branch and no Lanczos.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 import contextlib
 import functools
 from typing import Any
@@ -33,13 +36,15 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hetscale_jax import layers
+from hetscale_jax.lanczos import lanczos_smallest, random_unit_rows
 
 # A layer is named by its module path, "blocks_0/attn/qkv", as in the params tree.
 LayerPath = str
 LossFn = Callable[[Any, Any], jax.Array]
+# Whether a layer's spectrum is computed; None computes every layer's.
+LayerFilter = Callable[[LayerPath], bool] | None
 
 
 @flax.struct.dataclass
@@ -57,19 +62,30 @@ def layer_path(module: nn.Module) -> LayerPath:
   return "/".join(module.path)
 
 
+def _keeps(layer_filter: LayerFilter, path: LayerPath) -> bool:
+  return layer_filter is None or bool(layer_filter(path))
+
+
 @contextlib.contextmanager
-def _on_growable_outputs(hook: Callable[[nn.Module, jax.Array, jax.Array], jax.Array]):
-  """Within the context, every GrowableDense output y becomes hook(module, x, y)."""
+def _on_growable_outputs(hook: Callable[[nn.Module, jax.Array, jax.Array], jax.Array],
+                         layer_filter: LayerFilter = None):
+  """Within the context, the output y of every GrowableDense that layer_filter keeps becomes
+  hook(module, x, y); the other layers run untouched."""
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and isinstance(context.module, layers.GrowableDense):
-      out = hook(context.module, args[0], out)
+    module = context.module
+    if (context.method_name == "__call__" and isinstance(module, layers.GrowableDense)
+        and _keeps(layer_filter, layer_path(module))):
+      out = hook(module, args[0], out)
     return out
   with nn.intercept_methods(interceptor):
     yield
 
 
-def _probe_dtype(y):
+def statistics_dtype(y) -> jnp.dtype:
+  """The dtype of a layer's statistics, probe branch and Lanczos solve, given its output y:
+  y's own, at least float32 (bfloat16 rounding would swamp the sums over tokens and the
+  orthogonality of the Krylov basis)."""
   return jnp.promote_types(y.dtype, jnp.float32)
 
 
@@ -107,17 +123,21 @@ def _as_batches(batch) -> list:
 
 
 def streamed_hvp(loss_fn: LossFn, variables, batch, activations: dict[LayerPath, str]):
-  """V -> {path: S V} by jvp-over-grad of the loss in the probe parameters D (at D = 0)."""
+  """V -> {path: S V} by jvp-over-grad of the loss in the probe parameters D (at D = 0).
+
+  Only the layers in `activations` get a probe branch; V[path] must be in
+  statistics_dtype of the layer's output, the dtype the branch computes in.
+  """
   batches = _as_batches(batch)
 
   def loss_in_probe(probe):
     def attach(module, x, y):
       path = layer_path(module)
-      dtype = _probe_dtype(y)
+      dtype = statistics_dtype(y)
       x_tilde = jax.lax.stop_gradient(layers.with_bias_input(x.astype(dtype)))
       p = x_tilde @ probe[path].T
       return y + layers.probe_branch(y.astype(dtype), p, activations[path]).astype(y.dtype)
-    with _on_growable_outputs(attach):
+    with _on_growable_outputs(attach, lambda path: path in activations):
       return sum(loss_fn(variables, b) for b in batches) / len(batches)
 
   def hvp(vecs):
@@ -126,12 +146,14 @@ def streamed_hvp(loss_fn: LossFn, variables, batch, activations: dict[LayerPath,
   return hvp
 
 
-def collect_layer_statistics(loss_fn: LossFn, variables, batch):
-  """{path: (x~ [T, d_in+1], z [T, d_out], g [T, d_out])} over all probe tokens T.
+def collect_layer_statistics(loss_fn: LossFn, variables, batch, layer_filter: LayerFilter = None):
+  """{path: (x~ [T, d_in+1], z [T, d_out], g [T, d_out])} over all probe tokens T, for the
+  layers layer_filter keeps (None: all), in statistics_dtype of each layer's output.
 
-  g = dL/dy comes from the gradient of a zero perturbation added to every layer output, so
-  one forward and one backward pass collect every layer. Several batches are joined,
-  each g scaled by 1/num_batches so that S is the average over batches.
+  g = dL/dy comes from the gradient of a zero perturbation added to every kept layer's
+  output, so one forward and one backward pass collect every layer; the others are neither
+  captured nor perturbed. Several batches are joined, each g scaled by 1/num_batches so that
+  S is the average over batches.
   """
   batches = _as_batches(batch)
   per_batch = []
@@ -140,14 +162,15 @@ def collect_layer_statistics(loss_fn: LossFn, variables, batch):
       seen = {}
       def capture(module, x, y):
         path = layer_path(module)
-        dtype = _probe_dtype(y)
+        dtype = statistics_dtype(y)
         seen[path] = (layers.with_bias_input(x.astype(dtype)), y.astype(dtype))
         return y + perturbation[path].astype(y.dtype)
-      with _on_growable_outputs(capture):
+      with _on_growable_outputs(capture, layer_filter):
         loss = loss_fn(variables, b)
       return loss, seen
-    zeros = {p: jnp.zeros(s["out"].shape, _probe_dtype(s["out"]))
-             for p, s in find_growable_layers(loss_fn, variables, b).items()}
+    zeros = {p: jnp.zeros(s["out"].shape, statistics_dtype(s["out"]))
+             for p, s in find_growable_layers(loss_fn, variables, b).items()
+             if _keeps(layer_filter, p)}
     grads, seen = jax.grad(loss_with_perturbation, has_aux=True)(zeros)
     per_batch.append({p: (x, z, grads[p].astype(z.dtype) / len(batches)) for p, (x, z) in seen.items()})
 
@@ -165,17 +188,19 @@ def collect_layer_statistics(loss_fn: LossFn, variables, batch):
           for p in per_batch[0]}
 
 
-def input_scales(loss_fn: LossFn, variables, batch) -> dict[LayerPath, jax.Array]:
-  """{path: mean |x~|^2 over all probe tokens}: each layer's input scale, forward pass only."""
+def input_scales(loss_fn: LossFn, variables, batch,
+                 layer_filter: LayerFilter = None) -> dict[LayerPath, jax.Array]:
+  """{path: mean |x~|^2 over all probe tokens}: the input scale of each layer layer_filter
+  keeps (None: all), forward pass only."""
   batches = _as_batches(batch)
   totals = []
   for b in batches:
     seen = {}
     def measure(module, x, y, seen=seen):
-      x_tilde = layers.with_bias_input(x.astype(_probe_dtype(y)))
+      x_tilde = layers.with_bias_input(x.astype(statistics_dtype(y)))
       seen[layer_path(module)] = jnp.mean(jnp.sum(x_tilde ** 2, axis=-1))
       return y
-    with _on_growable_outputs(measure):
+    with _on_growable_outputs(measure, layer_filter):
       loss_fn(variables, b)
     totals.append(seen)
   return {p: sum(t[p] for t in totals) / len(totals) for p in totals[0]}
@@ -189,8 +214,8 @@ def local_probe_gradient(x_tilde, z, g, probe, activation: str):
 
 
 def group_layers(shapes: dict[LayerPath, tuple]) -> dict[tuple, list[LayerPath]]:
-  """Layers sharing a key (e.g. (d_out, d_in, activation)), so one batched op serves them all:
-  the qkv layers of every block of a uniform DeiT form one group."""
+  """Layers sharing a key (e.g. (d_out, d_in, activation, dtype)), so one batched op serves
+  them all: the qkv layers of every block of a uniform DeiT form one group."""
   groups = {}
   for path in sorted(shapes):
     groups.setdefault(shapes[path], []).append(path)
@@ -222,197 +247,6 @@ def collected_hvp(stats, activations: dict[LayerPath, str]):
   return lambda vecs: {p: products[p](v) for p, v in vecs.items()}
 
 
-def _rowdot(a, b):
-  return jnp.sum(a * b, axis=-1)
-
-
-def _orthogonalise(w, basis, count, passes: int = 1):
-  """w [..., n] minus its projection on the first `count` rows of basis [k, ..., n] (one
-  basis per neuron): classical Gram-Schmidt, `passes` times.
-
-  The basis is the largest array of the spectrum and memory-bound passes over it cost more
-  than the products at small probes, so each pass reads the rows filled so far, twice (the
-  coefficients, then the update), not the whole preallocated basis.
-  """
-  for _ in range(passes):
-    coefficients = jax.lax.fori_loop(
-        0, count, lambda k, c, w=w: c.at[k].set(_rowdot(w, basis[k])),
-        jnp.zeros(basis.shape[:-1], w.dtype))
-    w = jax.lax.fori_loop(0, count, lambda k, v, c=coefficients: v - c[k][..., None] * basis[k], w)
-  return w
-
-
-def _restart(nxt, broke, key, basis, count):
-  """nxt with the rows of neurons that broke down replaced by fresh random directions,
-  orthogonalised."""
-  # A random vector lies mostly in the basis' span: twice is enough (and needed).
-  fresh = _orthogonalise(_random_unit_rows(key, nxt.shape, nxt.dtype), basis, count, passes=2)
-  fresh = fresh / jnp.linalg.norm(fresh, axis=-1, keepdims=True)
-  return jnp.where(broke[..., None], fresh, nxt)
-
-
-def lanczos_smallest(hvp, start: dict, rng: jax.Array, num_iters: int):
-  """Smallest eigenpair of every neuron's matrix, given hvp: {p: V [..., n]} -> {p: S V}.
-
-  Every entry p holds one n x n matrix per index of its leading dims (neurons, or layers x
-  neurons). start[p] [..., n]: unit start vectors; rng draws the random vectors that continue
-  a sequence where it breaks down (an invariant subspace was found).
-  An entry with n < num_iters has a complete basis after n vectors; only those enter its
-  Ritz values. Returns {p: (eigvals [...], eigvecs [..., n], residuals [...], start
-  Rayleigh quotients [...])}.
-  """
-  dims = {p: v.shape[-1] for p, v in start.items()}
-  iters = {p: min(num_iters, n) for p, n in dims.items()}
-
-  def body(i, carry):
-    basis, alphas, betas = carry
-    q = {p: basis[p][i] for p in basis}
-    w = hvp(q)
-    new_basis, new_alphas, new_betas = {}, {}, {}
-    for entry, p in enumerate(basis):
-      alpha = _rowdot(w[p], q[p])
-      # The three-term recurrence removes the large components along q_i and q_{i-1}; one
-      # pass against the whole basis then removes the rounding drift that would otherwise
-      # make converged eigenvalues reappear. At i = 0 the index clamps to 0, where betas is
-      # still all zeros; after a restart the beta is 0 too.
-      previous = jnp.maximum(i - 1, 0)
-      wp = w[p] - alpha[..., None] * q[p] - betas[p][previous][..., None] * basis[p][previous]
-      norm_before = jnp.linalg.norm(wp, axis=-1)
-      wp = _orthogonalise(wp, basis[p], i + 1)
-      beta = jnp.linalg.norm(wp, axis=-1)
-      # A second pass where the first removed most of some neuron's vector: what is left is
-      # then mostly rounding and no longer orthogonal ("twice is enough", Daniel, Gragg,
-      # Kaufman and Stewart's criterion).
-      def second_pass(v, basis=basis[p]):
-        v = _orthogonalise(v, basis, i + 1)
-        return v, jnp.linalg.norm(v, axis=-1)
-      wp, beta = jax.lax.cond(jnp.any(beta < 0.7 * norm_before), second_pass,
-                              lambda v: (v, beta), wp)
-      eps = jnp.finfo(wp.dtype).eps
-      scale = jnp.maximum(jnp.max(jnp.abs(alphas[p]), axis=0), jnp.max(betas[p], axis=0))
-      # Breakdown only at rounding level: a beta declared zero is dropped from the tridiagonal
-      # matrix and moves its Ritz values by up to beta, so the former sqrt(eps) threshold
-      # allowed errors up to sqrt(eps) |S| (seen: 3e-9 |S| in float64 with a full basis).
-      # Small genuine betas are safe to follow: such a vector is re-orthogonalised twice.
-      broke = beta <= 10 * eps * jnp.maximum(jnp.maximum(scale, jnp.abs(alpha)), eps)
-      nxt = wp / jnp.where(broke, 1.0, beta)[..., None]
-      # Restart vectors cost another pass over the basis: only when some neuron broke down.
-      restart_key = jax.random.fold_in(jax.random.fold_in(rng, entry), i)
-      nxt = jax.lax.cond(jnp.any(broke), _restart, lambda n, *_: n, nxt, broke, restart_key,
-                         basis[p], i + 1)
-      has_next = i + 1 < iters[p]
-      new_basis[p] = basis[p].at[i + 1].set(jnp.where(has_next, nxt, 0.0))
-      new_alphas[p] = alphas[p].at[i].set(alpha)
-      # The last beta couples to nothing; it is kept for the residuals.
-      new_betas[p] = betas[p].at[i].set(jnp.where(broke, 0.0, beta))
-    return new_basis, new_alphas, new_betas
-
-  # Row-major in the iteration: one Lanczos vector of all neurons is one contiguous row.
-  basis = {p: jnp.zeros((num_iters + 1,) + v.shape, v.dtype).at[0].set(v) for p, v in start.items()}
-  alphas = {p: jnp.zeros((num_iters,) + v.shape[:-1], v.dtype) for p, v in start.items()}
-  betas = {p: jnp.zeros((num_iters,) + v.shape[:-1], v.dtype) for p, v in start.items()}
-  basis, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
-
-  out = {}
-  for p in start:
-    k = iters[p]
-    theta, y = _tridiagonal_smallest_pair(jnp.moveaxis(alphas[p][:k], 0, -1),
-                                          jnp.moveaxis(betas[p][:k - 1], 0, -1))
-    vec = jnp.einsum("...k,k...n->...n", y, basis[p][:k])
-    norm = jnp.linalg.norm(vec, axis=-1)
-    # S Q = Q T + beta_k q_{k+1} e_k^T, so |S v - theta v| = |beta_k y_k| for v = Q y: the
-    # residual without another product (tests check it against the explicit one).
-    residual = jnp.abs(betas[p][k - 1] * y[..., k - 1]) / norm
-    out[p] = (theta, vec / norm[..., None], residual, alphas[p][0])
-  return out
-
-
-def _tridiagonal_smallest_pair(a, b, points: int = 15):
-  """Smallest eigenpair of symmetric tridiagonal matrices: diagonals a [..., k], off-diagonals
-  b [..., k-1]; returns (eigenvalues [...], unit eigenvectors [..., k]).
-
-  Plain XLA ops, no LAPACK: jaxlib's CPU eigh spreads a batch over the intra-op thread pool
-  and blocks a pool thread waiting for it, which deadlocked inside the Lanczos loops (seen on
-  2 cores). Multisection on Sturm counts (`points` shifts per step) brings the eigenvalue to
-  rounding level of |T|, as LAPACK's bisection does; the eigenvector comes from the twisted
-  factorisation of T - theta at its most singular index (as in MRRR), stable for an accurate
-  theta. Breakdowns (zero b) decouple the matrix and are handled as such.
-  """
-  dtype = a.dtype
-  eps = jnp.finfo(dtype).eps
-  k = a.shape[-1]
-  zero = jnp.zeros(a.shape[:-1] + (1,), dtype)
-  b_before = jnp.concatenate([zero, b], axis=-1)  # b_{i-1}, 0 at i = 0
-  b_after = jnp.concatenate([b, zero], axis=-1)   # b_i, 0 at i = k-1
-  b2_before, b2_after = b_before ** 2, b_after ** 2
-  radius = jnp.abs(b_before) + jnp.abs(b_after)
-  scale = jnp.maximum(jnp.max(jnp.abs(a) + radius, axis=-1), jnp.finfo(dtype).tiny)
-  # Pivots smaller than this are replaced by it (LAPACK's pivmin): no division by zero.
-  pivmin = eps * eps * scale
-
-  def guarded(q, floor):
-    return jnp.where(jnp.abs(q) < floor, -floor, q)
-
-  rows = lambda x: jnp.moveaxis(x, -1, 0)  # [k, ...]: scans run over the matrix index
-
-  def count_below(shifts):  # [..., m] -> number of eigenvalues below each shift
-    def step(carry, row):
-      q, count = carry
-      a_i, b2_i = row
-      q = guarded((a_i[..., None] - shifts) - b2_i[..., None] / q, pivmin[..., None])
-      return (q, count + (q < 0)), None
-    init = (jnp.ones_like(shifts), jnp.zeros(shifts.shape, jnp.int32))
-    return jax.lax.scan(step, init, (rows(a), rows(b2_before)))[0][1]
-
-  def narrow(_, bounds):
-    lo, hi = bounds
-    x = lo[..., None] + (hi - lo)[..., None] * (jnp.arange(1, points + 1, dtype=dtype) / (points + 1))
-    below = count_below(x) > 0
-    return (jnp.maximum(lo, jnp.max(jnp.where(below, lo[..., None], x), axis=-1)),
-            jnp.minimum(hi, jnp.min(jnp.where(below, x, hi[..., None]), axis=-1)))
-  # Gershgorin's lower bound, and the smallest diagonal entry (a Rayleigh quotient) above.
-  bounds = (jnp.min(a - radius, axis=-1), jnp.min(a, axis=-1))
-  steps = int(np.ceil(-np.log2(eps) / np.log2(points + 1))) + 2
-  lo, hi = jax.lax.fori_loop(0, steps, narrow, bounds)
-  theta = 0.5 * (lo + hi)
-
-  shifted = a - theta[..., None]
-  def pivots(carry, row):
-    s_i, b2_i = row
-    d = guarded(s_i - b2_i / carry, pivmin)
-    return d, d
-  ones = jnp.ones(theta.shape, dtype)
-  _, forward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b2_before)))
-  _, backward = jax.lax.scan(pivots, ones, (rows(shifted), rows(b2_after)), reverse=True)
-  forward, backward = jnp.moveaxis(forward, 0, -1), jnp.moveaxis(backward, 0, -1)
-  twist = jnp.argmin(jnp.abs(forward + backward - shifted), axis=-1)
-
-  index = jnp.arange(k)
-  def below_twist(z_before, row):  # i > r: z_i = -b_{i-1} / backward_i z_{i-1}
-    i, b_i, d_i = row
-    z = jnp.where(i == twist, 1.0, jnp.where(i > twist, -b_i / d_i * z_before, 0.0)).astype(dtype)
-    return z, z
-  _, z = jax.lax.scan(below_twist, jnp.zeros(theta.shape, dtype),
-                      (index, rows(b_before), rows(backward)))
-  def above_twist(z_after, row):  # i < r: z_i = -b_i / forward_i z_{i+1}
-    i, b_i, d_i, z_i = row
-    z_i = jnp.where(i < twist, -b_i / d_i * z_after, z_i)
-    return z_i, z_i
-  _, z = jax.lax.scan(above_twist, jnp.zeros(theta.shape, dtype),
-                      (index, rows(b_after), rows(forward), z), reverse=True)
-  z = jnp.moveaxis(z, 0, -1)
-  # The sign that LAPACK would leave to chance, fixed: first component >= 0. For a Lanczos
-  # matrix the Ritz vector then points along its start vector, and it does not flip where
-  # rounding differs (another device layout) and moves the twist index.
-  z = jnp.where(z[..., :1] < 0, -z, z)
-  return theta, z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-
-
-def _random_unit_rows(key, shape, dtype):
-  v = jax.random.normal(key, shape, dtype)
-  return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-
-
 METHODS = ("collected", "streamed")
 
 
@@ -421,9 +255,9 @@ def _collected_pairs(stats, groups, start, restart_keys, num_iters):
   residuals, start Rayleigh quotients)}.
 
   The products of a layer need only its own statistics, so the layers need not share a
-  Krylov sequence: each runs alone and only one layer's basis exists at any time (all layers'
-  bases at once were the spectrum's largest array). lax.map over each group of same-shaped
-  layers keeps the compiled program as small as one layer's.
+  Krylov sequence: each runs alone and only one layer's basis, the spectrum's largest array,
+  exists at any time. lax.map over each group of same-shaped layers keeps the compiled
+  program as small as one layer's.
   """
   pairs, previous = {}, None
   for key, paths in groups.items():
@@ -445,57 +279,75 @@ def _collected_pairs(stats, groups, start, restart_keys, num_iters):
   return pairs
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "method"))
-def _spectrum(loss_fn, variables, batch, rng, num_iters, method):
+def select_layers(found: dict[LayerPath, dict], layer_filter: LayerFilter) -> dict[LayerPath, dict]:
+  """The entries of `found` whose layers layer_filter keeps (None: all of them)."""
+  kept = {p: s for p, s in found.items() if _keeps(layer_filter, p)}
+  if not kept:
+    raise ValueError(f"layer_filter keeps none of the layers {sorted(found)}: nothing to "
+                     "compute a spectrum for.")
+  return kept
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "method", "layer_filter"))
+def _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter=None):
   # The layers of the first batch: loss_fn takes one batch, never the list.
-  shapes = find_growable_layers(loss_fn, variables, _as_batches(batch)[0])
-  dtype = jnp.promote_types(jax.tree.leaves(variables["params"])[0].dtype, jnp.float32)
+  found = find_growable_layers(loss_fn, variables, _as_batches(batch)[0])
+  shapes = select_layers(found, layer_filter)
   rng, restart_rng = jax.random.split(rng)
   start, restart_keys = {}, {}
-  for i, (p, s) in enumerate(sorted(shapes.items())):
-    k1, restart_keys[p] = jax.random.split(jax.random.fold_in(rng, i))
-    start[p] = _random_unit_rows(k1, (s["d_out"], s["d_in"] + 1), dtype)
+  # Keys follow a layer's place among all layers, so that a filter does not change the start
+  # vectors of the layers it keeps.
+  for i, p in enumerate(sorted(found)):
+    if p in shapes:
+      s = shapes[p]
+      k1, restart_keys[p] = jax.random.split(jax.random.fold_in(rng, i))
+      # In the dtype of the layer's statistics, which its products take and return.
+      start[p] = random_unit_rows(k1, (s["d_out"], s["d_in"] + 1), statistics_dtype(s["out"]))
   # Same-shaped layers (the qkv of every block of a uniform DeiT) form one group that one set
   # of ops serves: far less to compile for deep models.
-  groups = group_layers({p: (s["d_out"], s["d_in"], s["activation"]) for p, s in shapes.items()})
+  groups = group_layers({p: (s["d_out"], s["d_in"], s["activation"], statistics_dtype(s["out"]))
+                         for p, s in shapes.items()})
   if method == "collected":
-    pairs = _collected_pairs(collect_layer_statistics(loss_fn, variables, batch), groups, start,
-                             restart_keys, num_iters)
+    pairs = _collected_pairs(collect_layer_statistics(loss_fn, variables, batch, layer_filter),
+                             groups, start, restart_keys, num_iters)
   else:
     # Every streamed product re-runs the network for all layers: one sequence for them all.
     hvp = streamed_hvp(loss_fn, variables, batch, {p: s["activation"] for p, s in shapes.items()})
     pairs = unstack_groups(lanczos_smallest(
         lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
         stack_groups(start, groups), restart_rng, num_iters), groups)
-  scales = input_scales(loss_fn, variables, batch)
+  scales = input_scales(loss_fn, variables, batch, layer_filter)
   return {p: Spectrum(eigvals=lam, eigvecs=v, residuals=res, input_scale=scales[p],
                       start_dirs=start[p], start_rayleigh=rayleigh)
           for p, (lam, v, res, rayleigh) in pairs.items()}
 
 
-# Chosen for what growth uses. The neurons an event picks have the most negative eigenvalues,
-# which Lanczos finds first: at 12 iterations the picks equal those from dense eigh, and their
-# eigenvalues agree to float32 rounding (max 5.8e-7 relative), on DeiT-Ti widths at init
-# (tests/test_splitting.py) and at all three growth events of the default config's training.
-# What converges last are eigenvalues near zero, which are never picked (DeiT-Ti widths: p90
-# relative error 1e-3 at 12, 5e-6 at 16; see BENCHMARKS.md). 12 products cost about 8
-# train-step gradients at DeiT-S widths; growth.num_iters trades the two per run.
+# Chosen for what growth uses: the neurons an event picks have the most negative eigenvalues,
+# which Lanczos finds first, while eigenvalues near zero converge last and are never picked.
+# tests/test_splitting.py checks at this value that the picks equal those of dense eigh;
+# growth.num_iters trades accuracy near zero against cost per run (docs/method.md, "Lanczos").
 DEFAULT_NUM_ITERS = 12
 
 
 def splitting_spectrum(loss_fn: LossFn, variables, batch, *, num_iters: int = DEFAULT_NUM_ITERS,
-                       rng: jax.Array | None = None, method: str = "collected"
-                       ) -> dict[LayerPath, Spectrum]:
+                       rng: jax.Array | None = None, method: str = "collected",
+                       layer_filter: LayerFilter = None) -> dict[LayerPath, Spectrum]:
   """Smallest eigenpair of the splitting matrix of every neuron of every GrowableDense.
 
   loss_fn(variables, batch) -> scalar must be deterministic (no dropout, drop-path or
   augmentation noise): every Lanczos step must see the same operator. `batch` may be a
   list of batches; their splitting matrices are averaged. `method` is "collected"
   (fast, holds the probe's activations) or "streamed" (memory of one training step).
+
+  layer_filter(path) -> bool, e.g. of "blocks_0/attn/qkv", says which layers to compute
+  (None: all); the others cost nothing and are absent from the result. It is a static
+  argument of the compiled spectrum: pass the same function object each time to reuse it.
+  A kept layer starts from the same vectors whatever the filter; with method "streamed" the
+  random vectors that restart a broken-down sequence depend on which layers are kept.
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r}: choose one of {METHODS}")
   if num_iters < 1:
     raise ValueError(f"num_iters={num_iters}: must be >= 1")
   rng = jax.random.key(0) if rng is None else rng
-  return _spectrum(loss_fn, variables, batch, rng, num_iters, method)
+  return _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter)

@@ -1,13 +1,17 @@
 """The splitting spectrum: matrix-free HVP against the closed form, block structure of the probe
-Hessian, Lanczos against dense eigh, averaging over batches, breakdown, and convergence at the
-default number of iterations on a DeiT-Ti-shaped model."""
+Hessian, Lanczos against dense eigh, averaging over batches, breakdown, the layer filter,
+parameters and data of different dtypes, and convergence at the default number of iterations
+on a DeiT-Ti-shaped model. The Lanczos solver alone is tested in test_lanczos.py."""
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import (capture_layer_statistics, explicit_splitting_matrices, make_deit, make_mlp,
@@ -158,32 +162,6 @@ def test_lanczos_matches_dense_eigh(x64, method, model):
                                rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 24, 60])
-def test_tridiagonal_smallest_pair_matches_eigh(x64, k):
-  """The Ritz step without LAPACK: against numpy's eigh, including decoupled matrices (a zero
-  off-diagonal, as after a Lanczos breakdown)."""
-  rng = np.random.default_rng(k)
-  a, b = rng.normal(size=(300, k)), rng.normal(size=(300, k - 1))
-  if k > 2:
-    b[::5, k // 2] = 0.0
-  matrices = np.zeros((300, k, k))
-  i = np.arange(k)
-  matrices[:, i, i] = a
-  matrices[:, i[:-1], i[:-1] + 1] = matrices[:, i[:-1] + 1, i[:-1]] = b
-  eigvals, eigvecs = np.linalg.eigh(matrices)
-  theta, z = jax.jit(splitting._tridiagonal_smallest_pair)(jnp.asarray(a), jnp.asarray(b))
-  theta, z = np.asarray(theta), np.asarray(z)
-  norm = np.max(np.abs(eigvals), axis=-1)
-  assert np.max(np.abs(theta - eigvals[:, 0]) / norm) <= 1e-14
-  np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-12)
-  residual = np.einsum("bij,bj->bi", matrices, z) - theta[:, None] * z
-  assert np.max(np.linalg.norm(residual, axis=-1) / norm) <= 1e-14
-  if k > 1:
-    simple = (eigvals[:, 1] - eigvals[:, 0]) / norm > 1e-3
-    sign = np.sign(np.sum(z * eigvecs[:, :, 0], axis=-1))[:, None]
-    assert np.max(np.abs(z * sign - eigvecs[:, :, 0])[simple]) <= 1e-11
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_residuals_are_those_of_the_returned_pairs(x64, method):
   """Before convergence too: the residuals come from the Lanczos recurrence (|beta_k y_k|),
@@ -224,12 +202,119 @@ def test_list_of_batches_averages_their_matrices(x64, method):
     assert_eigenpairs_match(spectrum, average)
 
 
+def count_primitive(jaxpr, name: str) -> int:
+  """How often primitive `name` occurs in a jaxpr, its sub-jaxprs (jit, loops, conds) included."""
+  return (sum(eqn.primitive.name == name for eqn in jaxpr.eqns)
+          + sum(count_primitive(sub, name) for sub in jax.extend.core.subjaxprs(jaxpr)))
+
+
+def all_but_dense_1(path):
+  return path != "dense_1"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_layer_filter_leaves_out_excluded_layers(x64, method):
+  """Excluding dense_1 leaves the other layers' spectra as they are without a filter, and the
+  excluded layer costs nothing: no statistics are collected for it and the spectrum has fewer
+  matmuls (a filter applied to the result would leave their number unchanged)."""
+  problem = make_mlp(jnp.float64)
+
+  def spectrum_of(layer_filter):
+    # num_iters as in test_lanczos_matches_dense_eigh, whose compiled unfiltered spectrum is reused.
+    return splitting.splitting_spectrum(problem.loss_fn, problem.variables, problem.batch,
+                                        num_iters=8, method=method, layer_filter=layer_filter)
+  full, filtered = spectrum_of(None), spectrum_of(all_but_dense_1)
+  assert sorted(full) == ["dense_0", "dense_1", "out"]
+  assert sorted(filtered) == ["dense_0", "out"]
+  for path, s in filtered.items():
+    np.testing.assert_array_equal(s.start_dirs, full[path].start_dirs, err_msg=path)
+    scale = float(jnp.max(jnp.abs(full[path].eigvals)))
+    for field in ("eigvals", "eigvecs", "residuals", "input_scale", "start_rayleigh"):
+      np.testing.assert_allclose(getattr(s, field), getattr(full[path], field), rtol=1e-12,
+                                 atol=1e-14 * scale, err_msg=f"{path} {field}")
+
+  statistics = jax.eval_shape(lambda v, b: splitting.collect_layer_statistics(
+      problem.loss_fn, v, b, all_but_dense_1), problem.variables, problem.batch)
+  assert sorted(statistics) == ["dense_0", "out"]
+  matmuls = {f: count_primitive(jax.make_jaxpr(lambda f=f: spectrum_of(f))().jaxpr, "dot_general")
+             for f in (None, all_but_dense_1)}
+  assert matmuls[all_but_dense_1] < matmuls[None], matmuls
+
+
+class MixedPrecisionMLP(nn.Module):
+  """Token-wise MLP of GrowableDense layers with float32 parameters (their default), computing
+  in `dtype` (None: the dtype that the inputs and parameters promote to)."""
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(layers.GrowableDense(8, dtype=self.dtype, name="dense_0")(x), approximate=False)
+    return layers.GrowableDense(4, dtype=self.dtype, name="out")(x)
+
+
+def mixed_precision_problem(dtype, input_dtype):
+  """(model, float32 variables, (inputs in input_dtype, labels), loss_fn) on 6 tokens."""
+  model = MixedPrecisionMLP(dtype=dtype)
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  batch = (jax.random.normal(k1, (2, 3, 5), input_dtype), jax.random.randint(k2, (2, 3), 0, 4))
+  variables = jax.jit(model.init)(k3, batch[0])
+  assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+
+  def loss_fn(variables, batch):
+    logits = model.apply(variables, batch[0]).astype(jnp.float32)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+  return model, variables, batch, loss_fn
+
+
+def assert_finite_and_exact_growth(model, variables, batch, spectrum, statistics_dtype):
+  """Every neuron of every layer has a finite eigenpair computed in statistics_dtype, and exact
+  growth on it leaves the outputs unchanged to the rounding of the output dtype, while the same
+  units with gain 1 change them."""
+  assert sorted(spectrum) == ["dense_0", "out"]
+  for path, s in spectrum.items():
+    assert s.eigvals.shape == variables["params"][path]["bias"].shape, path
+    for name, value in vars(s).items():
+      assert value.dtype == statistics_dtype, (path, name)
+      assert np.all(np.isfinite(np.asarray(value))), (path, name)
+  plan = grow.select(spectrum, 10_000, 0.0)
+  assert plan.indices, "no neuron to grow: the check would mean nothing"
+  apply = jax.jit(model.apply)
+  before = apply(variables, batch[0])
+  tol = float(jnp.finfo(before.dtype).eps) * float(jnp.max(jnp.abs(before)))  # one rounding
+  exact = apply(grow.grow(variables, plan, spectrum, mode="exact"), batch[0])
+  assert float(jnp.max(jnp.abs(exact - before))) <= tol
+  split = apply(grow.grow(variables, plan, spectrum, mode="split"), batch[0])
+  assert float(jnp.max(jnp.abs(split - before))) > 10 * tol
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_params_with_float64_data(x64, method):
+  """Data promoted above the parameters' dtype: every layer's solve runs in its statistics'
+  dtype (float64 here), so the eigenpairs match dense eigh to float64 rounding."""
+  model, variables, batch, loss_fn = mixed_precision_problem(None, jnp.float64)
+  spectrum = splitting.splitting_spectrum(loss_fn, variables, batch, num_iters=9, method=method)
+  assert_finite_and_exact_growth(model, variables, batch, spectrum, jnp.float64)
+  assert_eigenpairs_match(spectrum, explicit_splitting_matrices(
+      capture_layer_statistics(loss_fn, variables, batch)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_activations_with_float32_params(method):
+  """bfloat16 activations: statistics, probe and solve run in float32."""
+  model, variables, batch, loss_fn = mixed_precision_problem(jnp.bfloat16, jnp.float32)
+  spectrum = splitting.splitting_spectrum(loss_fn, variables, batch, num_iters=9, method=method)
+  assert_finite_and_exact_growth(model, variables, batch, spectrum, jnp.float32)
+
+
 def test_argument_and_model_errors():
   problem = make_mlp()
   with pytest.raises(ValueError, match="method"):
     splitting.splitting_spectrum(problem.loss_fn, problem.variables, problem.batch, method="dense")
   with pytest.raises(ValueError, match="num_iters"):
     splitting.splitting_spectrum(problem.loss_fn, problem.variables, problem.batch, num_iters=0)
+  with pytest.raises(ValueError, match="layer_filter"):
+    splitting.splitting_spectrum(problem.loss_fn, problem.variables, problem.batch,
+                                 layer_filter=lambda path: False)
   with pytest.raises(ValueError, match="no GrowableDense"):
     splitting.find_growable_layers(lambda v, b: jnp.sum(b[0]), problem.variables, problem.batch)
 
