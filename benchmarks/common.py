@@ -13,7 +13,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from hetscale_jax import grow, input_pipeline, sharding, spec, train
+from hetscale_jax import datasets, grow, input_pipeline, sharding, spec, train
 from hetscale_jax.splitting import Spectrum
 
 # Classes of the datasets whose files a benchmark machine may lack (digits ships inside).
@@ -51,9 +51,12 @@ def dataset_info(config) -> input_pipeline.DatasetInfo:
 
 
 def synthetic_batch(config, info, seed: int = 0) -> dict:
+  """A batch as the input pipelines yield it: uint8 pixels in the dataset's range (digits to
+  16, the others to 255), so that the normalised inputs are of the real data's scale."""
   rng = np.random.default_rng(seed)
+  max_pixel = datasets.DIGITS_MAX_PIXEL if info.name == "digits" else 255
   shape = (config.batch_size,) + tuple(info.image_shape)
-  return {"image": rng.normal(size=shape).astype(np.float32),
+  return {"image": rng.integers(0, max_pixel + 1, shape, dtype=np.uint8),
           "label": rng.integers(0, info.num_classes, config.batch_size).astype(np.int32)}
 
 

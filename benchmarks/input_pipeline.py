@@ -30,6 +30,7 @@ import sklearn.datasets
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from hetscale_jax import datasets
 from hetscale_jax import input_pipeline
 from hetscale_jax import prepare_imagenet100
 
@@ -123,7 +124,7 @@ def main():
   jpegs = generated_jpegs(args.num_images)
   mean_kb = np.mean([len(j) for j in jpegs]) / 1024
   print(f"{len(jpegs)} generated JPEGs, {mean_kb:.0f} KiB on average, ImageNet-like sizes")
-  config = input_pipeline.default_data_config("imagenet100")
+  config = datasets.default_data_config("imagenet100")
   print("transform: imagenet100 defaults, " + ", ".join(f"{k}={config[k]}" for k in (
       "image_size", "crop_scale_min", "hflip", "randaugment_layers", "randaugment_magnitude",
       "randaugment_mstd", "random_erasing")))

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import common
-from hetscale_jax import grow, train
+from hetscale_jax import grow, growth_event, train
 
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -45,7 +45,7 @@ def measure(config) -> list[dict]:
   info = common.dataset_info(config)
   batch = common.synthetic_batch(config, info)
   trainer = common.Trainer(config, info)
-  eval_step = train.make_eval_step(trainer.model)
+  eval_step = train.make_eval_step(trainer.model, config)
   eval_batch = {**batch, "mask": np.ones(config.batch_size, np.float32)}
   state = trainer.init_state()
   g = config.growth
@@ -53,15 +53,15 @@ def measure(config) -> list[dict]:
   rows = []
   for event in range(num_events + 1):
     if event:
-      params = train.param_count(state.params)
+      params = train.count_params(state)
       spectrum = common.random_spectrum(state.variables, g.layers, seed=event)
-      plan = grow.select(spectrum, train.event_budget(config, params, num_events - event + 1),
+      plan = grow.select(spectrum, growth_event.event_budget(g, params, num_events - event + 1),
                          rule="random", max_layer_fraction=g.max_layer_fraction, rng=event)
       state = common.grow_state(trainer, state, plan, spectrum)
     compiled = trainer.compile(state, batch)
     start = time.perf_counter()
     eval_step.lower(state.variables, eval_batch).compile()
-    rows.append({"event": event, "params": train.param_count(state.params),
+    rows.append({"event": event, "params": train.count_params(state),
                  "train_step_s": compiled.seconds, "eval_step_s": time.perf_counter() - start})
   return rows
 
@@ -78,8 +78,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   config = flags.FLAGS.config
   if _CACHE_DIR.value is not None:
-    config.compilation_cache_dir = _CACHE_DIR.value
-    train.enable_compilation_cache(config)
+    if _CACHE_DIR.value:
+      jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
     print(json.dumps(measure(config)))
     return
   if not config.growth.enabled:

@@ -19,7 +19,7 @@ For each model and probe batch it measures, in one process and after compiling/w
   multithreaded eigh ran up to 10x slower while other work took a core, and the best time
   understates the naive cost, which makes the speed ratio conservative.
 
-Targets (DESIGN.md): full spectrum <= 12 train-step gradients at DeiT-S widths; >= 5x faster
+Targets (set when the spectrum was designed): full spectrum <= 12 train-step gradients at DeiT-S widths; >= 5x faster
 than the naive method.
 """
 

@@ -72,15 +72,10 @@ def ten_percent_plan(spectrum: dict, fraction: float, seed: int) -> grow.Plan:
 def widened_mlp(config, info, target: int) -> int:
   """mlp_dim (the same in every block) whose model is closest to `target` parameters. The count
   is linear in mlp_dim, so two evaluations fix it."""
-  def count(mlp_dim):
-    c = config.copy_and_resolve_references()
-    c.model.mlp_dim = mlp_dim
-    model = train.create_model(c, info)
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
-    return train.param_count(shapes["params"])
-  width = config.model.width or deit.VARIANTS[config.model.variant]["width"]
-  base = config.model.mlp_dim or 4 * width
+  sizes = train.model_sizes(config, info)
+  count = lambda mlp_dim: deit.param_count(config.model.variant, **{**sizes, "mlp_dim": mlp_dim})
+  base = deit.architecture(config.model.variant, **{
+      k: v for k, v in sizes.items() if k in deit.OVERRIDES})["mlp_dim"][0]
   per_unit = count(base + 1) - count(base)
   return base + round((target - count(base)) / per_unit)
 
@@ -119,7 +114,7 @@ def main(argv):
   spectrum = common.random_spectrum(growable_state.variables, config.growth.layers, seed=0)
   plan = ten_percent_plan(spectrum, _GROWN_FRACTION.value, seed=0)
   grown_state = common.grow_state(growable, growable_state, plan, spectrum)
-  grown_params = train.param_count(grown_state.params)
+  grown_params = train.count_params(grown_state)
   static_config = config.copy_and_resolve_references()
   static_config.model.mlp_dim = widened_mlp(config, info, grown_params)
   static = common.Trainer(static_config, info)
@@ -131,7 +126,7 @@ def main(argv):
                                ("grown", growable, grown_state), ("static", static, static_state)):
     compiled = dense_compiled if name == "dense" else trainer.compile(state, batch)
     candidates[name] = (compiled, *trainer.place(state, compiled, batch))
-    print(f"  {name:<9} {train.param_count(state.params):>12,} params, compiled in "
+    print(f"  {name:<9} {train.count_params(state):>12,} params, compiled in "
           f"{compiled.seconds:.1f}s")
   costs = {n: candidates[n][0].fn.cost_analysis() for n in ("dense", "growable")}
   print("  XLA's cost analysis of the dense / growable steps: " + ", ".join(

@@ -1,14 +1,15 @@
-"""DeiT's image transforms in TensorFlow, for tf.data (DESIGN section 7).
+"""DeiT's image transforms in TensorFlow, for tf.data (docs/method.md, "Data and sampling").
 
-Train: random resized crop (bicubic) -> horizontal flip -> RandAugment -> normalise -> random
-erasing, the order of timm's `create_transform` that DeiT uses. Eval: resize the shorter side
-to size / crop_ratio (bicubic) and centre-crop. RandAugment is timm's `rand-m9-mstd0.5-inc1`,
+Train: random resized crop (bicubic) -> horizontal flip -> RandAugment -> random erasing, the
+order of timm's `create_transform` that DeiT uses, whose normalisation (before the erasing)
+happens on the devices instead (`datasets.normalize`). Eval: resize the shorter side to
+size / crop_ratio (bicubic) and centre-crop. RandAugment is timm's `rand-m9-mstd0.5-inc1`,
 written out by hand: tensorflow-addons, which held the usual TF versions of these ops, is dead.
 
 Every random op is stateless and takes a seed of shape [2], so a transform gives the same result
 eagerly and inside tf.data, on any host, for any number of parallel calls. Images are uint8
-[H, W, C] until `normalize`, as they are PIL images in timm until ToTensor; ops round and clip to
-uint8 where PIL would.
+[H, W, C] throughout, as they are PIL images in timm until ToTensor; ops round and clip to uint8
+where PIL would.
 
 Colour ops reproduce PIL's results exactly (the tests compare with PIL). Known difference from
 timm: geometric RandAugment ops (rotate, shear, translate) interpolate bilinearly where timm uses
@@ -20,12 +21,12 @@ import math
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hetscale_jax.datasets import IMAGENET_MEAN, IMAGENET_STD
+# The noisy magnitude is clipped to [0, MAX_LEVEL].
+from hetscale_jax.datasets import RANDAUGMENT_MAX_MAGNITUDE as MAX_LEVEL
+
 # timm fills the area uncovered by geometric ops with the dataset mean in 0..255.
 FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
-# timm's magnitudes run from 0 to _LEVEL_DENOM; the noisy magnitude is clipped to this range.
-MAX_LEVEL = 10.0
 
 
 def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
@@ -45,14 +46,6 @@ def _uniform_int(seed, maxval):
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
   """Rounds and clips float pixels in 0..255 to uint8, as PIL stores them."""
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def normalize(image: tf.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tf.Tensor:
-  """uint8 pixels -> float32 (x / 255 - mean) / std, per channel."""
-  # One multiply-add instead of three passes over the image.
-  scale = 1.0 / (255.0 * tf.constant(std, tf.float32))
-  offset = -tf.constant(mean, tf.float32) / tf.constant(std, tf.float32)
-  return tf.cast(image, tf.float32) * scale + offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +349,9 @@ def rand_augment(image: tf.Tensor, seed, num_layers: int, magnitude: float,
 
 def random_erasing(image: tf.Tensor, seed, probability: float, scale=(0.02, 1 / 3),
                    ratio=(0.3, 1 / 0.3), attempts: int = 10) -> tf.Tensor:
-  """timm's RandomErasing(mode="pixel"), on a normalised float image: with `probability`, one
-  rectangle of `scale` of the area and aspect in `ratio` is replaced by N(0, 1) noise.
+  """timm's RandomErasing(mode="pixel") on a uint8 RGB image: with `probability`, one rectangle
+  of `scale` of the area and aspect in `ratio` is replaced by noise that ImageNet's
+  normalisation turns into N(0, 1), up to pixel rounding and clipping.
   """
   s_apply, s_area, s_ratio, s_top, s_left, s_noise = tf.unstack(split_seed(seed, 6))
   height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -374,9 +368,14 @@ def random_erasing(image: tf.Tensor, seed, probability: float, scale=(0.02, 1 / 
   left = _uniform_int(s_left, tf.maximum(width - w + 1, 1))
 
   def erase():
-    # Noise for the rectangle only, and only when erasing: a full-image draw for every image
-    # took a fifth of the whole train transform's time.
-    noise = tf.random.stateless_normal(tf.stack([h, w, tf.shape(image)[2]]), s_noise)
+    # timm erases the normalised image with N(0, 1) noise. The image is still uint8 here, so
+    # the noise is drawn as pixels, 255 (mean + std z), rounded and clipped to 0..255: once
+    # normalised it is N(0, 1) on a grid of 1 / (255 std), cut about two standard deviations
+    # out. Erasing in float32 would be exact, but every batch would then cross to the devices
+    # at four times the bytes. Noise for the rectangle only, and only when erasing: drawing
+    # it is costly per pixel.
+    z = tf.random.stateless_normal(tf.stack([h, w, len(IMAGENET_MEAN)]), s_noise)
+    noise = to_uint8(255.0 * (tf.constant(IMAGENET_MEAN) + tf.constant(IMAGENET_STD) * z))
     noise = tf.pad(noise, [[top, height - top - h], [left, width - left - w], [0, 0]])
     rows = tf.range(height)[:, None, None]
     cols = tf.range(width)[None, :, None]
@@ -394,7 +393,7 @@ def random_erasing(image: tf.Tensor, seed, probability: float, scale=(0.02, 1 / 
 def deit_train(image: tf.Tensor, seed, *, size: int, crop_scale_min: float, hflip: bool,
                randaugment_layers: int, randaugment_magnitude: float, randaugment_mstd: float,
                random_erasing_prob: float) -> tf.Tensor:
-  """uint8 [H, W, 3] or JPEG bytes -> normalised float32 [size, size, 3]."""
+  """uint8 [H, W, 3] or JPEG bytes -> uint8 [size, size, 3]."""
   s_crop, s_flip, s_ra, s_erase = tf.unstack(split_seed(seed, 4))
   if image.dtype == tf.string:
     x = decode_and_random_resized_crop(image, s_crop, size, (crop_scale_min, 1.0))
@@ -404,14 +403,13 @@ def deit_train(image: tf.Tensor, seed, *, size: int, crop_scale_min: float, hfli
     x = random_flip(x, s_flip)
   if randaugment_layers:
     x = rand_augment(x, s_ra, randaugment_layers, randaugment_magnitude, randaugment_mstd)
-  x = normalize(x)
   if random_erasing_prob:
     x = random_erasing(x, s_erase, random_erasing_prob)
   return x
 
 
 def deit_eval(image: tf.Tensor, *, size: int, crop_ratio: float) -> tf.Tensor:
-  """uint8 [H, W, 3] or JPEG bytes -> normalised float32 [size, size, 3]."""
+  """uint8 [H, W, 3] or JPEG bytes -> uint8 [size, size, 3]."""
   if image.dtype == tf.string:
     image = tf.io.decode_jpeg(image, channels=3)
-  return normalize(resize_center_crop(image, size, crop_ratio))
+  return resize_center_crop(image, size, crop_ratio)

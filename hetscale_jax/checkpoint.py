@@ -1,4 +1,4 @@
-"""Checkpoints of a (growing) training run, and the workdir that holds them (DESIGN section 5).
+"""Checkpoints of a (growing) training run, and the workdir that holds them (docs/method.md, "Checkpoints of a growing model").
 
     ckpt = Checkpointer(workdir, config)   # refuses a workdir of another run, before any work
     restored = ckpt.restore(abstract_state)  # newest usable checkpoint, or None in a new workdir
@@ -35,6 +35,7 @@ import time
 from typing import Any, Callable
 
 from etils import epath
+from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -70,19 +71,9 @@ def config_dict(config) -> dict:
   return json.loads(config.to_json(sort_keys=True))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def config_differences(stored: dict, current: dict) -> list[str]:
   """'field: stored -> current' for every field that differs, RESUMABLE_FIELDS aside."""
-  old, new = _flatten(stored), _flatten(current)
+  old, new = (traverse_util.flatten_dict(c, sep=".") for c in (stored, current))
   missing = "(absent)"
   return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
           for k in sorted(old.keys() | new.keys())
@@ -210,18 +201,12 @@ def _read_json_items(manager, step: int) -> tuple[dict, dict, dict]:
   return architecture, items["config"], items["run"]
 
 
-def _key_name(key) -> str:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
 def _shapes(tree) -> dict[str, tuple]:
   """{path: shape} with dataclass fields, named-tuple fields, dict keys and list positions all
   spelt alike, so that a TrainState and its checkpoint metadata (nested dicts) compare."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in flat}
 
 
 def _check_shapes(abstract, metadata):
@@ -261,9 +246,9 @@ class Checkpointer:
     claim_workdir(workdir, config)
     self._workdir = epath.Path(workdir)
     self._config = config_dict(config)
-    self._every = config.checkpoint_every_steps
     # cleanup_tmp_directories: removes what a save killed midway left behind.
     self._manager = _manager(self._workdir / CHECKPOINTS, max_to_keep=config.keep_checkpoints,
+                             save_interval_steps=config.checkpoint_every_steps,
                              cleanup_tmp_directories=True)
     self._sigterm = False
     self._previous_handler = None
@@ -280,8 +265,9 @@ class Checkpointer:
     return self._sigterm or self._manager.reached_preemption(step)
 
   def due(self, step: int) -> bool:
-    """Whether `step` is one of the periodic checkpoints (config.checkpoint_every_steps)."""
-    return step % self._every == 0
+    """Whether `step` is one of the periodic checkpoints (config.checkpoint_every_steps) not
+    yet saved, or one orbax's preemption sync point asks for."""
+    return self._manager.should_save(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -308,26 +294,17 @@ class Checkpointer:
     of the model grown as the architecture spec says. Raises WorkdirError for a checkpoint of
     another config or architecture, CheckpointError if checkpoints exist but none restores.
     """
-    failed = []
-    for step in reversed(self._manager.all_steps()):
-      try:
-        restored = self._restore_step(step, abstract_state)
-      except WorkdirError:
-        raise
-      except Exception as e:  # orbax and tensorstore raise many kinds, some bare Exception
-        logging.warning("checkpoint at step %d is unusable (%s: %s); trying the previous one",
-                        step, type(e).__name__, e)
-        failed.append(step)
-        continue
-      if failed:
-        self._move_aside(failed)
-        logging.warning("resumed from step %d; the unusable checkpoints %s were moved to %s",
-                        step, failed, self._workdir / CORRUPT)
-      return restored
-    if failed:
+    steps = self._manager.all_steps()
+    step, restored = _newest_usable(steps, lambda step: self._restore_step(step, abstract_state))
+    failed = [s for s in steps if step is None or s > step]
+    if restored is not None and failed:
+      self._move_aside(failed)
+      logging.warning("resumed from step %d; the unusable checkpoints %s were moved to %s",
+                      step, failed, self._workdir / CORRUPT)
+    if restored is None and failed:
       raise CheckpointError(f"none of the checkpoints {failed} in {self._workdir / CHECKPOINTS} "
                             "could be restored (see the warnings above); nothing was moved")
-    return None
+    return restored
 
   def _restore_step(self, step: int, abstract_state) -> Restored:
     architecture, config, run = _read_json_items(self._manager, step)
@@ -391,16 +368,28 @@ def read_latest(workdir: str) -> Final:
     raise CheckpointError(f"{workdir} holds no checkpoints ({directory} is missing)")
   manager = _manager(directory, read_only=True, create=False, save_interval_steps=0)
   try:
-    steps = list(reversed(manager.all_steps()))
-    for step in steps:
-      try:
-        return _read_step(manager, step)
-      except Exception as e:  # as in Checkpointer.restore
-        logging.warning("checkpoint at step %d is unusable (%s: %s); trying the previous one",
-                        step, type(e).__name__, e)
+    steps = manager.all_steps()
+    _, final = _newest_usable(steps, lambda step: _read_step(manager, step))
   finally:
     manager.close()
-  raise CheckpointError(f"none of the checkpoints {steps} in {directory} could be read")
+  if final is None:
+    raise CheckpointError(f"none of the checkpoints {steps} in {directory} could be read")
+  return final
+
+
+def _newest_usable(steps, restore: Callable[[int], Any]) -> tuple[int | None, Any]:
+  """(step, restore(step)) of the newest step whose restore succeeds, warning about each
+  newer one that fails; (None, None) if none does. WorkdirError (another run's checkpoint)
+  is no damage and propagates."""
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, restore(step)
+    except WorkdirError:
+      raise
+    except Exception as e:  # orbax and tensorstore raise many kinds, some bare Exception
+      logging.warning("checkpoint at step %d is unusable (%s: %s); trying the previous one",
+                      step, type(e).__name__, e)
+  return None, None
 
 
 def _read_step(manager, step: int) -> Final:

@@ -8,16 +8,16 @@ import ml_collections
 from ml_collections import config_dict
 
 from hetscale_jax import grow, layers, splitting
-from hetscale_jax import input_pipeline
+from hetscale_jax import datasets
+from hetscale_jax.models import deit
 
-GROWABLE_LAYER_NAMES = ("qkv", "proj", "fc1", "fc2")
 DTYPES = ("float32", "bfloat16")
 
 
 def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = input_pipeline.default_data_config(dataset)
+  c.data = datasets.default_data_config(dataset)
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "S"                       # "Ti", "S" or "B": widths not overridden below
@@ -53,7 +53,7 @@ def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   c.growth.epochs = ()                        # growth events, at these (fractional) epochs
   c.growth.budget_per_event = 0               # parameters added per event, or ...
   c.growth.target_params = 0                  # ... total parameters after the last event
-  c.growth.layers = GROWABLE_LAYER_NAMES      # eligible layer kinds
+  c.growth.layers = deit.GROWABLE_LAYERS      # eligible layer kinds
   c.growth.rule = "splitting"                 # see grow.RULES
   c.growth.mode = "exact"                     # "exact": a = 0; "split": a = 1 (grow.MODES)
   c.growth.unit_scale = 1.0                   # |r . x~| of a new unit, relative to input scale
@@ -83,7 +83,7 @@ def _check_known_fields(config, reference, prefix="config"):
     if key not in reference:
       raise ConfigError(f"unknown config field {name}; fields of {prefix}: {sorted(reference.keys())}")
     if isinstance(reference[key], ml_collections.ConfigDict) and name != "config.data":
-      # config.data's fields depend on the dataset: input_pipeline checks them.
+      # config.data's fields depend on the dataset: datasets checks them.
       if not isinstance(config[key], ml_collections.ConfigDict):
         raise ConfigError(f"{name} must be a group of fields {sorted(reference[key].keys())}")
       _check_known_fields(config[key], reference[key], name)
@@ -94,12 +94,6 @@ def _require(ok: bool, field: str, value, allowed: str):
     raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
 
 
-def _per_block(value, depth) -> bool:
-  if value is None or isinstance(value, int):
-    return value is None or value > 0
-  return (depth is None or len(value) == depth) and all(isinstance(v, int) and v > 0 for v in value)
-
-
 def validate(config) -> None:
   """Raises ConfigError naming the first bad field. Pure: no I/O, no devices.
 
@@ -108,16 +102,21 @@ def validate(config) -> None:
   """
   _check_known_fields(config, base_config())
   m, g, o = config.model, config.growth, config.optim
-  _require(m.variant in ("Ti", "S", "B"), "model.variant", m.variant, "choose Ti, S or B")
+  _require(m.variant in deit.VARIANTS, "model.variant", m.variant,
+           f"choose one of {list(deit.VARIANTS)}")
   _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {DTYPES}")
   _require(m.unit_activation in layers.ACTIVATIONS, "model.unit_activation", m.unit_activation,
            f"choose one of {sorted(layers.ACTIVATIONS)}")
   _require(m.patch_size > 0, "model.patch_size", m.patch_size, "must be > 0")
   for field in ("width", "depth", "num_heads"):
     _require(m[field] is None or m[field] > 0, f"model.{field}", m[field], "must be > 0 (or unset)")
+  depth = m.depth or deit.VARIANTS[m.variant]["depth"]
   for field in ("head_dim", "mlp_dim"):
-    _require(_per_block(m[field], m.depth), f"model.{field}", m[field],
-             "must be a positive int or one positive int per block (len == model.depth)")
+    try:
+      if m[field] is not None:
+        deit.per_block(m[field], depth, f"config.model.{field}")
+    except ValueError as e:
+      raise ConfigError(f"{e}: give a positive int, or one per block ({depth} blocks)") from None
   _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
   _require(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
   _require(config.num_epochs > 0, "num_epochs", config.num_epochs, "must be > 0")
@@ -135,7 +134,7 @@ def validate(config) -> None:
     _require(config[field] >= 1, field, config[field], "must be >= 1")
   _require(config.eval_every_epochs > 0, "eval_every_epochs", config.eval_every_epochs, "must be > 0")
   try:
-    input_pipeline.validate_data_config(config.data)
+    datasets.validate_data_config(config.data)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -150,8 +149,8 @@ def validate(config) -> None:
   _require(g.target_params >= 0, "growth.target_params", g.target_params, "must be >= 0 parameters")
   _require((g.budget_per_event > 0) != (g.target_params > 0), "growth.budget_per_event",
            g.budget_per_event, "set exactly one of growth.budget_per_event and growth.target_params")
-  _require(len(g.layers) > 0 and set(g.layers) <= set(GROWABLE_LAYER_NAMES), "growth.layers", g.layers,
-           f"choose a non-empty subset of {GROWABLE_LAYER_NAMES}")
+  _require(len(g.layers) > 0 and set(g.layers) <= set(deit.GROWABLE_LAYERS), "growth.layers",
+           g.layers, f"choose a non-empty subset of {deit.GROWABLE_LAYERS}")
   _require(g.rule in grow.RULES, "growth.rule", g.rule, f"choose one of {grow.RULES}")
   _require(g.mode in grow.MODES, "growth.mode", g.mode, f"choose one of {grow.MODES}")
   _require(g.unit_scale > 0, "growth.unit_scale", g.unit_scale, "must be > 0")
@@ -163,7 +162,7 @@ def validate(config) -> None:
            f"choose one of {splitting.METHODS}")
 
 
-def check_against_data(config, info: input_pipeline.DatasetInfo) -> None:
+def check_against_data(config, info: datasets.DatasetInfo) -> None:
   size = info.image_shape[0]
   _require(size % config.model.patch_size == 0, "model.patch_size", config.model.patch_size,
            f"must divide the {info.name} image size {size}")
@@ -182,39 +181,6 @@ def check_against_devices(config, num_devices: int) -> None:
   _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
            f"must be a multiple of the number of devices ({num_devices}), since every device "
            f"takes an equal part of each batch")
-
-
-# ---------------------------------------------------------------------------- sizing helpers
-
-VARIANT_WIDTHS = {"Ti": (192, 3), "S": (384, 6), "B": (768, 12)}
-
-
-def deit_param_count(variant: str = "S", *, num_classes: int, img_size: int, channels: int = 3,
-                     patch_size: int = 16, depth: int = 12, head_dim=None, mlp_dim=None) -> int:
-  """Parameters of a DeiT built by models.deit.create (closed form; checked against it in tests)."""
-  width, heads = VARIANT_WIDTHS[variant]
-  head_dims = _blocks(head_dim if head_dim is not None else width // heads, depth)
-  mlp_dims = _blocks(mlp_dim if mlp_dim is not None else 4 * width, depth)
-  tokens = (img_size // patch_size) ** 2 + 1
-  total = patch_size ** 2 * channels * width + width + width + tokens * width
-  for h, m in zip(head_dims, mlp_dims):
-    inner = heads * h
-    total += 4 * width + 3 * inner * (width + 1) + inner * width + width + 2 * width * m + m + width
-  return total + 2 * width + width * num_classes + num_classes
-
-
-def _blocks(value, depth):
-  return [value] * depth if isinstance(value, int) else list(value)
-
-
-def uniform_widths(target_params: int, variant: str = "S", **sizes) -> tuple[int, int]:
-  """(head_dim, mlp_dim) keeping the variant's mlp/head ratio, uniformly in every block,
-  whose parameter count is closest to target_params: the conventional-scaling baseline."""
-  width, heads = VARIANT_WIDTHS[variant]
-  ratio = 4 * width // (width // heads)
-  return min(((h, ratio * h) for h in range(1, 2 * width // heads + 1)),
-             key=lambda hm: abs(deit_param_count(variant, head_dim=hm[0], mlp_dim=hm[1], **sizes)
-                                - target_params))
 
 
 # The paper configs' bottleneck start: 3/4 of DeiT-S's head dimension and MLP width in every
@@ -241,11 +207,11 @@ def paper_config(variant, dataset, num_classes, img_size, *, patch_size, num_epo
   c.checkpoint_every_steps = 2000
 
   sizes = dict(num_classes=num_classes, img_size=img_size, patch_size=patch_size)
-  target = int(PAPER_TARGET_FRACTION * deit_param_count("S", **sizes))
+  target = int(PAPER_TARGET_FRACTION * deit.param_count("S", **sizes))
   if variant == "static_full":
     return c
   if variant == "static_uniform":
-    c.model.head_dim, c.model.mlp_dim = uniform_widths(target, "S", **sizes)
+    c.model.head_dim, c.model.mlp_dim = deit.uniform_widths(target, "S", **sizes)
     return c
   c.model.head_dim, c.model.mlp_dim = PAPER_REDUCED["head_dim"], PAPER_REDUCED["mlp_dim"]
   if variant == "static_reduced":

@@ -1,4 +1,4 @@
-"""Joins a multi-process run when the launcher asks for one (DESIGN section 9).
+"""Joins a multi-process run when the launcher asks for one (docs/method.md, "Scale").
 
     distributed.maybe_initialize()  # first thing in main, before anything touches a device
 

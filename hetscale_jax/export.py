@@ -18,16 +18,15 @@ import argparse
 import json
 import os
 
+from clu import parameter_overview
 import flax
-import jax
-import numpy as np
 
 from hetscale_jax import checkpoint, spec
 
 
 def describe(final: checkpoint.Final, workdir: str) -> str:
   """Parameter counts and spec.describe of a checkpoint's variables."""
-  total = int(sum(np.size(x) for x in jax.tree.leaves(final.variables["params"])))
+  total = int(parameter_overview.count_parameters(final.variables["params"]))
   units = spec.unit_params(final.architecture)
   num_units = sum(sum(layer["units"]) for layer in final.architecture["layers"].values())
   m = final.config["model"]

@@ -6,7 +6,7 @@
     opt_state = grow.migrate_opt_state(tx, opt_state, variables["params"])
 
 Works on any linen model built from GrowableDense. Growing never resizes an existing array:
-each event adds a stage of units (DESIGN section 2) to the chosen layers, so every existing
+each event adds a stage of units (docs/method.md, "The unit") to the chosen layers, so every existing
 parameter and its optimizer moments carry over unchanged.
 """
 
@@ -112,14 +112,6 @@ def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *
               rule=rule, num_params=sum(len(i) * costs[p] for p, i in indices.items()))
 
 
-def num_stages(layer_params) -> int:
-  """How many unit stages a layer already has."""
-  k = 0
-  while layers.unit_param_names(k)[0] in layer_params:
-    k += 1
-  return k
-
-
 def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exact",
          unit_scale: float = 1.0):
   """New variables with one stage of units on the plan's neurons (pure function).
@@ -131,27 +123,18 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-  params = traverse_util.flatten_dict(variables["params"], sep="/")
-  growth = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
+  kernels = traverse_util.flatten_dict(variables["params"], sep="/")
+  stages = {}
   for path, neurons in plan.indices.items():
-    if f"{path}/kernel" not in params:
+    if f"{path}/kernel" not in kernels:
       raise KeyError(f"plan names layer {path!r}, which is not in the params")
+    dtype = kernels[f"{path}/kernel"].dtype
     s = spectrum[path]
     directions = s.start_dirs if plan.direction == "random" else s.eigvecs
-    kernel = params[f"{path}/kernel"]
-    scale = unit_scale / jnp.sqrt(s.input_scale)
-    r = (jnp.asarray(directions)[neurons] * scale).astype(kernel.dtype)
-    a = jnp.full((len(neurons),), 1.0 if mode == "split" else 0.0, kernel.dtype)
-    layer = {k.rsplit("/", 1)[1] for k in params if k.rsplit("/", 1)[0] == path}
-    r_name, a_name, index_name = layers.unit_param_names(num_stages(layer))
-    params[f"{path}/{r_name}"] = r
-    params[f"{path}/{a_name}"] = a
-    growth[f"{path}/{index_name}"] = jnp.asarray(neurons, jnp.int32)
-  new = dict(variables)
-  new["params"] = traverse_util.unflatten_dict(params, sep="/")
-  if growth:
-    new[layers.GROWTH_COLLECTION] = traverse_util.unflatten_dict(growth, sep="/")
-  return new
+    r = (jnp.asarray(directions)[neurons] * (unit_scale / jnp.sqrt(s.input_scale))).astype(dtype)
+    a = jnp.full((len(neurons),), 1.0 if mode == "split" else 0.0, dtype)
+    stages[path] = (r, a, jnp.asarray(neurons, jnp.int32))
+  return layers.add_unit_stages(variables, stages)
 
 
 def migrate_opt_state(tx, opt_state, new_params):
@@ -161,7 +144,8 @@ def migrate_opt_state(tx, opt_state, new_params):
   With `hetscale_jax.optim.adamw` (per-parameter step counts) a new parameter thus starts at
   count 0 with zero moments, and its first update is exactly a fresh Adam step. With stock
   optax Adam the shared step count is kept, the bias correction of the new moments is
-  already ~1, and their first steps are inflated up to (1 - b1) / sqrt(1 - b2) (3.2x).
+  already ~1, and under a steady gradient their k-th step is (1 - b1^k) / sqrt(1 - b2^k) times
+  too large (3.2x at the first, about 6.6x around the twelfth).
   """
   old = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
 

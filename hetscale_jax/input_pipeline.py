@@ -1,33 +1,13 @@
-"""Datasets, per-host batch iterators and config.data (DESIGN sections 7 and 8).
+"""Datasets, per-host batch iterators and their transforms in tf.data (docs/method.md, "Data
+and sampling").
 
-config.data fields. `default_data_config(name)` gives each dataset's recipe, which config files
-override; a dataset takes exactly its own fields, and `validate_data_config` names any other.
-
-  every dataset
-    name                   "digits" (embedded, the default), "cifar100" or "imagenet100".
-    prefetch               batches tf.data prepares ahead of the training loop (2).
-    repeated_augmentation  copies of an image per epoch, each augmented on its own (DeiT's
-                           repeated augmentation): 1 for digits, 3 for cifar100 / imagenet100.
-  cifar100 and imagenet100
-    data_dir               tfds data dir holding the prepared dataset; None: tfds' default
-                           ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
-    image_size             side of the square images the model gets (cifar100 32, imagenet100 224).
-    crop_scale_min         smallest area share of the random resized crop (0.08).
-    hflip                  random horizontal flip (True).
-    randaugment_layers     RandAugment ops per image; 0 turns RandAugment off (2).
-    randaugment_magnitude  RandAugment magnitude, 0 to 10 (9.0).
-    randaugment_mstd       std of the Gaussian noise on the magnitude (0.5).
-    random_erasing         probability of erasing one random rectangle (0.25).
-    eval_crop_ratio        eval resizes the shorter side to image_size / ratio, then centre-crops
-                           image_size (0.875).
-  imagenet100
-    manual_dir             folder with the ImageNet-2012 tars, only to spell out the
-                           prepare_imagenet100 command when the dataset is missing (None).
+config.data, the dataset names and the normalisation are TensorFlow-free, in `datasets`. Every
+pipeline yields images as uint8 pixels; the jitted steps normalise them (`datasets.normalize`).
 
 Datasets:
   digits       the 1,797 real 8x8 UCI handwritten digits that ship with scikit-learn: 1,437 train /
-               360 test (stratified split, seed 0), scaled to [0, 1] and normalised by the train
-               split's mean and std. Train augmentation: random shifts of up to 1 pixel.
+               360 test (stratified split, seed 0), pixels 0..16. Train augmentation: random
+               shifts of up to 1 pixel.
   cifar100     tfds cifar100 (train / test) with DeiT's transforms at image_size.
   imagenet100  prepare_imagenet100's output (train / validation) with DeiT's transforms.
 
@@ -43,34 +23,20 @@ same for any number of processes, and resuming at start_step replays and skips n
 """
 
 from collections.abc import Callable, Iterator
-import dataclasses
 import functools
 import os
 
 import jax
-import ml_collections
 import numpy as np
-from sklearn import datasets as sklearn_datasets
-from sklearn import model_selection
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hetscale_jax import augment
 from hetscale_jax import prepare_imagenet100
+from hetscale_jax.datasets import DatasetInfo, digits_splits, validate_data_config
 
-DATASETS = ("digits", "cifar100", "imagenet100")
 EVAL_SPLIT = {"digits": "test", "cifar100": "test", "imagenet100": "validation"}
-DIGITS_TEST_SIZE = 360
 DIGITS_MAX_SHIFT = 1
-
-_COMMON_FIELDS = ("name", "prefetch", "repeated_augmentation")
-_DEIT_FIELDS = ("data_dir", "image_size", "crop_scale_min", "hflip", "randaugment_layers",
-                "randaugment_magnitude", "randaugment_mstd", "random_erasing", "eval_crop_ratio")
-FIELDS = {
-    "digits": _COMMON_FIELDS,
-    "cifar100": _COMMON_FIELDS + _DEIT_FIELDS,
-    "imagenet100": _COMMON_FIELDS + _DEIT_FIELDS + ("manual_dir",),
-}
 
 # Separate random streams derived from the user's seed.
 _PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1
@@ -80,116 +46,9 @@ class DatasetNotFoundError(RuntimeError):
   """The dataset is not prepared where the config points; the message says how to prepare it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]  # H, W, C of what the model receives.
-  num_train: int
-  num_eval: int
-
-
-# ---------------------------------------------------------------------------------------------
-# config.data
-
-
-def default_data_config(name: str) -> ml_collections.ConfigDict:
-  """The recipe's config.data for `name`: DeiT's for cifar100 / imagenet100, light for digits."""
-  _check_name(name)
-  config = ml_collections.ConfigDict()
-  config.name = name
-  config.prefetch = 2
-  config.repeated_augmentation = 1 if name == "digits" else 3
-  if name == "digits":
-    return config
-  config.data_dir = ml_collections.config_dict.placeholder(str)
-  config.image_size = 32 if name == "cifar100" else 224
-  config.crop_scale_min = 0.08
-  config.hflip = True
-  config.randaugment_layers = 2
-  config.randaugment_magnitude = 9.0
-  config.randaugment_mstd = 0.5
-  config.random_erasing = 0.25
-  config.eval_crop_ratio = 0.875
-  if name == "imagenet100":
-    config.manual_dir = ml_collections.config_dict.placeholder(str)
-  return config
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-  return _is_int(v) or isinstance(v, (float, np.floating))
-
-
-def _optional_str(v) -> bool:
-  return v is None or isinstance(v, str)
-
-
-_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "prefetch": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "repeated_augmentation": (lambda v: _is_int(v) and v >= 1, "an int >= 1 (1: off)"),
-    "data_dir": (_optional_str, "None or a path"),
-    "manual_dir": (_optional_str, "None or a path"),
-    # RandAugment's sharpness filter needs 3 pixels; 8 keeps every op meaningful.
-    "image_size": (lambda v: _is_int(v) and v >= 8, "an int >= 8"),
-    "crop_scale_min": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "hflip": (lambda v: isinstance(v, bool), "True or False"),
-    "randaugment_layers": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: off)"),
-    "randaugment_magnitude": (lambda v: _is_number(v) and 0 <= v <= augment.MAX_LEVEL,
-                              f"a number in [0, {augment.MAX_LEVEL:g}]"),
-    "randaugment_mstd": (lambda v: _is_number(v) and 0 <= v < float("inf"),
-                         "a finite number >= 0"),
-    "random_erasing": (lambda v: _is_number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
-    "eval_crop_ratio": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-}
-
-
-def _check_name(name) -> None:
-  if name not in DATASETS:
-    raise ValueError(f"config.data.name={name!r}: choose one of {', '.join(DATASETS)}")
-
-
-def validate_data_config(data_config) -> None:
-  """Raises ValueError naming the first bad field of config.data and what it allows. No I/O."""
-  _check_name(data_config.get("name"))
-  name = data_config.name
-  fields = FIELDS[name]
-  for field in fields:
-    if field not in data_config:
-      raise ValueError(f"config.data.{field} is missing: {name} needs {', '.join(fields)}; "
-                       f"start from default_data_config({name!r})")
-  for field in sorted(set(data_config.keys()) - set(fields)):
-    raise ValueError(f"config.data.{field} is not used by {name}, whose fields are "
-                     f"{', '.join(fields)}")
-  for field in fields[1:]:
-    is_valid, allowed = _RULES[field]
-    if not is_valid(data_config[field]):
-      raise ValueError(f"config.data.{field}={data_config[field]!r}: must be {allowed}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Datasets. Each split is held as (images, labels) with random access by index from pure
 # TensorFlow: the arrays themselves for digits and cifar100, JPEG paths for imagenet100.
-
-
-@functools.cache
-def _digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{"train", "test"}: (float32 [n, 8, 8, 1] in [0, 1], int32 [n]), in the original order."""
-  digits = sklearn_datasets.load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  labels = digits.target.astype(np.int32)
-  train, test = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)
-  splits = {"train": np.sort(train), "test": np.sort(test)}
-  return {split: (images[i], labels[i]) for split, i in splits.items()}
-
-
-def _digits_normalize(image: tf.Tensor) -> tf.Tensor:
-  train_images = _digits()["train"][0]
-  return (image - train_images.mean()) / train_images.std()
 
 
 def _data_dir(data_config) -> str:
@@ -229,7 +88,7 @@ def _imagenet100_dir(data_config) -> str:
 def _load_split(data_config, split: str) -> tuple[np.ndarray | list[str], np.ndarray]:
   """(images or JPEG paths, int32 labels) of a split; DatasetNotFoundError before any reading."""
   if data_config.name == "digits":
-    return _digits()[split]
+    return digits_splits()[split]
   if data_config.name == "cifar100":
     builder = _cifar100_builder(data_config)
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
@@ -242,7 +101,8 @@ def dataset_info(data_config) -> DatasetInfo:
   validate_data_config(data_config)
   name = data_config.name
   if name == "digits":
-    (train_images, _), (_, test_labels) = _digits()["train"], _digits()["test"]
+    splits = digits_splits()
+    (train_images, _), (_, test_labels) = splits["train"], splits["test"]
     return DatasetInfo(name, 10, train_images.shape[1:], len(train_images), len(test_labels))
   shape = (data_config.image_size, data_config.image_size, 3)
   if name == "cifar100":
@@ -264,14 +124,13 @@ def steps_per_epoch(data_config, global_batch_size: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms: raw example (an image, or JPEG bytes for imagenet100) -> float32 [H, W, C].
+# Transforms: raw example (an image, or JPEG bytes for imagenet100) -> uint8 [H, W, C].
 
 
 def train_transform(data_config) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-  """(raw example, seed [2]) -> augmented, normalised image; raw is what the split holds."""
+  """(raw example, seed [2]) -> augmented image; raw is what the split holds."""
   if data_config.name == "digits":
-    return lambda image, seed: _digits_normalize(
-        augment.random_translate(image, seed, DIGITS_MAX_SHIFT))
+    return functools.partial(augment.random_translate, max_shift=DIGITS_MAX_SHIFT)
   return functools.partial(
       augment.deit_train, size=data_config.image_size,
       crop_scale_min=data_config.crop_scale_min, hflip=data_config.hflip,
@@ -282,9 +141,9 @@ def train_transform(data_config) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
 
 
 def eval_transform(data_config) -> Callable[[tf.Tensor], tf.Tensor]:
-  """Raw example -> the deterministic eval image, normalised."""
+  """Raw example -> the deterministic eval image."""
   if data_config.name == "digits":
-    return _digits_normalize
+    return tf.identity
   return functools.partial(
       augment.deit_eval, size=data_config.image_size, crop_ratio=data_config.eval_crop_ratio)
 
@@ -348,8 +207,9 @@ def train_batches(data_config, *, global_batch_size: int, seed: int, start_step:
                   process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless train batches from global step `start_step` on, this process's slice of each:
-  {"image": float32 [local, H, W, C] normalised, "label": int32 [local]}, local =
-  global_batch_size // process_count. Batch `step` depends only on (data_config, seed, step).
+  {"image": uint8 [local, H, W, C] pixels for datasets.normalize, "label": int32 [local]},
+  local = global_batch_size // process_count. Batch `step` depends only on (data_config, seed,
+  step).
   """
   validate_data_config(data_config)
   process_index, local = _local_batch(global_batch_size, process_index, process_count)
@@ -379,9 +239,9 @@ def train_batches(data_config, *, global_batch_size: int, seed: int, start_step:
 
 def eval_batches(data_config, *, global_batch_size: int, process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the eval split, this process's slice of each global batch: "image", "label"
-  and "mask" float32 [local] (0 for the padding of the last batch), so that every eval example
-  is counted exactly once over all processes.
+  """One pass over the eval split, this process's slice of each global batch: "image" and
+  "label" as train_batches gives them, and "mask" float32 [local] (0 for the padding of the last
+  batch), so that every eval example is counted exactly once over all processes.
   """
   validate_data_config(data_config)
   process_index, local = _local_batch(global_batch_size, process_index, process_count)

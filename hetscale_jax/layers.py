@@ -1,4 +1,4 @@
-"""GrowableDense: a linear layer that carries skip-connected units (DESIGN section 2).
+"""GrowableDense: a linear layer that carries skip-connected units (docs/method.md, "The unit").
 
 A unit on neuron j replaces the neuron's output z_j by
 
@@ -13,13 +13,15 @@ GrowableDense never changes its code when it grows:
 
 Stage k holds the units added by one growth event (a neuron appears at most once per stage);
 stages are applied in order, so a neuron grown twice gets its second unit on top of the
-output of its first. This module knows nothing about how units are chosen.
+output of its first. This module owns the unit variables' names and their stage layout
+(`num_stages`, `add_unit_stages`); it knows nothing about how units are chosen.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import functools
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 from jax import lax
@@ -44,6 +46,42 @@ def unit_param_names(stage: int) -> tuple[str, str, str]:
   return _R.format(stage), _A.format(stage), _INDEX.format(stage)
 
 
+def is_unit_direction(name: str) -> bool:
+  """Whether a parameter name is a unit direction r of some stage (decayed like a kernel)."""
+  prefix, suffix = _R.split("{}")
+  stage = name[len(prefix):-len(suffix)]
+  return name.startswith(prefix) and name.endswith(suffix) and stage.isdigit()
+
+
+def num_stages(params: Mapping[str, Any], path: str | None = None) -> int:
+  """How many unit stages a layer holds: `params` keyed by the layer's parameter names, or,
+  with `path`, a flattened tree keyed "path/name" ("blocks_0/attn/qkv/units0_r")."""
+  key = (lambda name: name) if path is None else (lambda name: f"{path}/{name}")
+  k = 0
+  while key(unit_param_names(k)[0]) in params:
+    k += 1
+  return k
+
+
+def add_unit_stages(variables, stages: Mapping[str, tuple[Any, Any, Any]]):
+  """New variables with one more stage on each layer of `stages` {path: (r, a, index)}.
+
+  Works on arrays and on jax.ShapeDtypeStructs alike (growing, and rebuilding the abstract
+  grown model before a restore). `path` is the layer's module path, "blocks_0/attn/qkv".
+  """
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  growth = traverse_util.flatten_dict(variables.get(GROWTH_COLLECTION, {}), sep="/")
+  for path, (r, a, index) in stages.items():
+    r_name, a_name, index_name = unit_param_names(num_stages(params, path))
+    params[f"{path}/{r_name}"], params[f"{path}/{a_name}"] = r, a
+    growth[f"{path}/{index_name}"] = index
+  new = dict(variables)
+  new["params"] = traverse_util.unflatten_dict(params, sep="/")
+  if growth:
+    new[GROWTH_COLLECTION] = traverse_util.unflatten_dict(growth, sep="/")
+  return new
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"unknown unit activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -66,7 +104,8 @@ def probe_branch(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Ar
 
   Its value and its first derivative in p vanish at p = 0, so attaching it to every neuron
   adds nothing to the loss or to the Gauss-Newton part of the Hessian; its Hessian in p is
-  g s''(z) per token, which is what the splitting matrix needs (DESIGN section 3).
+  g s''(z) per token, which is what the splitting matrix needs (docs/method.md, "The probe
+  branch").
   """
   s = activation_fn(activation)
   zs = lax.stop_gradient(z)
@@ -122,12 +161,11 @@ class GrowableDense(nn.Module):
   def unit_stages(self, dtype) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
     """The (index, r, a) of every stage present in this layer's variables, in order."""
     stages = []
-    while True:
-      r_name, a_name, index_name = unit_param_names(len(stages))
-      if not self.has_variable("params", r_name):
-        return stages
+    for k in range(num_stages(self.variables.get("params", {}))):
+      r_name, a_name, index_name = unit_param_names(k)
       stages.append((
           self.get_variable(GROWTH_COLLECTION, index_name),
           jnp.asarray(self.get_variable("params", r_name), dtype),
           jnp.asarray(self.get_variable("params", a_name), dtype),
       ))
+    return stages

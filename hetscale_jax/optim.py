@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hetscale_jax import layers
+
 
 class ScaleByAdamPerParamState(NamedTuple):
   count: optax.Params  # int32 [] per parameter leaf: steps that parameter has taken
@@ -44,7 +46,7 @@ def decay_mask(params):
   position embedding or class token (the DeiT recipe)."""
   def decays(path, _):
     name = path[-1].key
-    return name == "kernel" or (name.startswith("units") and name.endswith("_r"))
+    return name == "kernel" or layers.is_unit_direction(name)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -13,12 +13,11 @@ fixed margins instead of a layout engine, and one artist per colour instead of a
 neuron. Only process 0 draws, as only it writes metrics.
 """
 
-import json
-import logging
 import os
 import re
 import shutil
 
+from flax import traverse_util
 import jax
 from matplotlib import colormaps
 from matplotlib import colors
@@ -27,11 +26,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
-from hetscale_jax import writers
+from hetscale_jax import layers, spec, writers
 
 FIGURE2_LAYERS = ("blocks_0/attn/qkv", "blocks_0/mlp/fc1")
 PLOTS_DIR = "plots"
-UNITS_HISTORY = "units_history.json"
 TRAINING = "training.png"
 UNITS = "units.png"
 GROWN, NOT_GROWN = "tab:red", "tab:blue"
@@ -61,21 +59,21 @@ def _save(fig: Figure, path: str):
 
 # ---------------------------------------------------------------------------- growth events
 
-def growth_event_figures(workdir: str, step: int, spectrum, plan, architecture: dict):
+def growth_event_figures(workdir: str, step: int, spectrum, plan, variables):
   """Draws eigenvalues_step{step}.png, units_step{step}.png and units.png (process 0 only).
 
   spectrum: {path: Spectrum} of the event (host arrays); plan: the grow.Plan applied;
-  architecture: spec.from_variables of the grown variables.
+  variables: the grown model's {"params", "growth"}.
   """
   if jax.process_index() != 0:
     return
   os.makedirs(plots_dir(workdir), exist_ok=True)
   grown = {p: np.asarray(i) for p, i in plan.indices.items()}
-  layers = [p for p in FIGURE2_LAYERS if p in spectrum]
-  if layers:
-    _save(eigenvalue_figure(step, {p: spectrum[p] for p in layers}, grown),
+  figure2 = [p for p in FIGURE2_LAYERS if p in spectrum]
+  if figure2:
+    _save(eigenvalue_figure(step, {p: spectrum[p] for p in figure2}, grown),
           os.path.join(plots_dir(workdir), eigenvalues_name(step)))
-  units = units_per_neuron(_record_event(workdir, step, grown), architecture)
+  units = units_per_neuron(variables)
   path = os.path.join(plots_dir(workdir), units_name(step))
   _save(units_figure(step, units), path)
   shutil.copyfile(path, os.path.join(plots_dir(workdir), UNITS))
@@ -102,35 +100,16 @@ def eigenvalue_figure(step: int, spectrum: dict, grown: dict) -> Figure:
   return fig
 
 
-def _record_event(workdir: str, step: int, grown: dict) -> list[dict]:
-  """Appends this event's neuron indices to the workdir's history and returns the history.
-
-  Events at or after `step` are dropped first: they belong to a run that was resumed from an
-  earlier checkpoint, and are being replayed now.
-  """
-  path = os.path.join(plots_dir(workdir), UNITS_HISTORY)
-  history = []
-  if os.path.exists(path):
-    with open(path) as f:
-      history = [e for e in json.load(f) if e["step"] < step]
-  history.append({"step": step, "indices": {p: i.tolist() for p, i in grown.items()}})
-  with open(path, "w") as f:
-    json.dump(history, f)
-  return history
-
-
-def units_per_neuron(history: list[dict], architecture: dict) -> dict[str, np.ndarray]:
-  """{path: units on each neuron} for every dense layer of the architecture, in block order."""
-  layers = architecture["layers"]
-  units = {p: np.zeros(layers[p]["d_out"], np.int32) for p in sorted(layers, key=layer_order)}
-  for event in history:
-    for path, indices in event["indices"].items():
-      np.add.at(units[path], indices, 1)
-  for path, layer in layers.items():
-    if units[path].sum() != sum(layer["units"]):
-      # The history lives in the workdir; a run resumed elsewhere lacks earlier events.
-      logging.warning("units map of %s: %d units recorded, the model has %d", path,
-                      units[path].sum(), sum(layer["units"]))
+def units_per_neuron(variables) -> dict[str, np.ndarray]:
+  """{path: units stacked on each neuron} for every dense layer, in block order, read from
+  the unit indices of the variables' growth collection."""
+  layers_spec = spec.from_variables(variables)["layers"]
+  indices = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
+  units = {}
+  for path in sorted(layers_spec, key=layer_order):
+    units[path] = np.zeros(layers_spec[path]["d_out"], np.int32)
+    for stage in range(len(layers_spec[path]["units"])):
+      np.add.at(units[path], np.asarray(indices[f"{path}/{layers.unit_param_names(stage)[2]}"]), 1)
   return units
 
 

@@ -1,4 +1,4 @@
-r"""Builds ImageNet-100 once from tfds `imagenet2012` (DESIGN section 8).
+r"""Builds ImageNet-100 once from tfds `imagenet2012` (docs/method.md, "Data and sampling").
 
   python -m hetscale_jax.prepare_imagenet100 \
       --manual_dir /data/imagenet --data_dir ~/tensorflow_datasets

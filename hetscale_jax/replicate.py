@@ -73,39 +73,12 @@ def quick(config):
   return c
 
 
-def param_count(config, info) -> int:
-  model = train.create_model(config, info)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros(
-      (1,) + tuple(info.image_shape), np.float32), train=False))
-  return train.param_count(shapes["params"])
-
-
-def full_widths(model_config) -> tuple[int, int]:
-  """(width, num_heads) of the config's model, the variant's where the config has none."""
-  variant = deit.VARIANTS[model_config.variant]
-  return model_config.width or variant["width"], model_config.num_heads or variant["num_heads"]
-
-
-def uniform_widths(config, info, target: int) -> tuple[int, int]:
-  """(head_dim, mlp_dim) with mlp_dim / head_dim as in the full model, every block alike,
-  whose parameter count is closest to `target`."""
-  width, heads = full_widths(config.model)
-  full_head = width // heads
-  ratio = 4 * width // full_head
-
-  def count(head_dim):
-    c = config.copy_and_resolve_references()
-    c.model.head_dim, c.model.mlp_dim = head_dim, ratio * head_dim
-    return param_count(c, info)
-  head = min(range(1, 2 * full_head + 1), key=lambda h: abs(count(h) - target))
-  return head, ratio * head
-
-
 def grown_size(config, info) -> int:
   """Parameters of the grown models: growth.target_params, or the start plus every event's
   budget."""
   g = config.growth
-  return g.target_params or param_count(config, info) + len(g.epochs) * g.budget_per_event
+  start = deit.param_count(config.model.variant, **train.model_sizes(config, info))
+  return g.target_params or start + len(g.epochs) * g.budget_per_event
 
 
 def variant_config(base, variant: str, seed: int, uniform: tuple[int, int]):
@@ -184,8 +157,8 @@ def run_all(configs: dict, jobs: int) -> dict:
   # Fresh interpreters (not fork): JAX's threads do not survive a fork.
   context = multiprocessing.get_context("spawn")
   start = time.perf_counter()
-  # One run per worker process: a worker that kept its compiled executables across runs ran
-  # out of memory in LLVM after about 15 runs (2026-11-28, 24 GiB, 2 jobs).
+  # One run per worker process: a worker that keeps its compiled executables across runs
+  # accumulates them until compiling runs out of memory.
   with futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
     running = {pool.submit(train_one, *configs[key]): key for key in todo}
     for done, future in enumerate(futures.as_completed(running), 1):
@@ -259,7 +232,8 @@ def main(argv):
   base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
   info = input_pipeline.dataset_info(base.data)
   variants = [v for v in VARIANTS if v in _VARIANTS.value]
-  uniform = (uniform_widths(base, info, grown_size(base, info))
+  uniform = (deit.uniform_widths(grown_size(base, info), base.model.variant,
+                                 **train.model_sizes(base, info))
              if "static_uniform" in variants else None)
   # Seed by seed: a replication stopped early has about as many seeds of every variant.
   configs = {(v, s): (variant_config(base, v, s, uniform), run_dir(workdir, v, s))

@@ -1,4 +1,4 @@
-"""Device mesh and shardings: data parallel over every device, optional FSDP (DESIGN section 9).
+"""Device mesh and shardings: data parallel over every device, optional FSDP (docs/method.md, "Scale").
 
 The mesh has axes ("data", "fsdp"). A batch is split over both axes. With fsdp > 1 every
 array with an axis divisible by the fsdp size is split along its largest such axis over
@@ -6,6 +6,10 @@ array with an axis divisible by the fsdp size is split along its largest such ax
 everything else is replicated. The rule needs no knowledge of the model, so the parameters
 a growth event adds get their shardings the same way.
 """
+
+import collections
+from collections.abc import Iterable, Iterator
+import itertools
 
 import jax
 from jax.experimental import multihost_utils
@@ -50,6 +54,25 @@ def global_batch(mesh: Mesh, local_batch):
   """Assembles each process's numpy batch into one global array sharded over the mesh."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def prefetch_to_mesh(local_batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
+  """Global batches on the mesh, `size` ahead of the consumer.
+
+  Each batch's host-to-device copy is started (asynchronously) `size` batches before it is
+  used, so it overlaps the steps the devices are running: flax.jax_utils.prefetch_to_device's
+  pattern, with the mesh's batch sharding instead of pmap's device axis.
+  """
+  local_batches = iter(local_batches)
+  queue = collections.deque()
+
+  def enqueue(n: int):
+    for batch in itertools.islice(local_batches, n):
+      queue.append(global_batch(mesh, batch))
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def host_value(tree):

@@ -25,12 +25,12 @@ def _layer_kernels(params) -> dict[str, tuple[int, int]]:
 def from_variables(variables) -> dict:
   """{"format", "layers": {path: {"d_in", "d_out", "units": [units per stage]}}} for every
   dense layer (2-d kernel); "units" is empty for a layer that never grew."""
-  flat_growth = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
+  growth = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
   summary = {}
   for path, (d_in, d_out) in sorted(_layer_kernels(variables["params"]).items()):
-    units = []
-    while (key := f"{path}/{layers.unit_param_names(len(units))[2]}") in flat_growth:
-      units.append(int(flat_growth[key].shape[0]))
+    units = [int(growth[f"{path}/{layers.unit_param_names(k)[2]}"].shape[0])
+             for k in range(layers.num_stages(params, path))]
     summary[path] = {"d_in": d_in, "d_out": d_out, "units": units}
   return {"format": FORMAT_VERSION, "layers": summary}
 
@@ -52,21 +52,17 @@ def abstract_variables(spec: dict, base):
   model) plus each layer's unit stages. Checks that the base widths agree with the spec."""
   kernels = _layer_kernels(base["params"])
   params = traverse_util.flatten_dict(base["params"], sep="/")
-  growth = traverse_util.flatten_dict(base.get(layers.GROWTH_COLLECTION, {}), sep="/")
   for path, layer in spec["layers"].items():
     if kernels.get(path) != (layer["d_in"], layer["d_out"]):
       raise ValueError(f"spec layer {path!r} is {layer['d_in']}x{layer['d_out']} but the model "
                        f"has {kernels.get(path)}: the checkpoint belongs to another architecture")
-    dtype = params[f"{path}/kernel"].dtype
-    for stage, n in enumerate(layer["units"]):
-      r_name, a_name, index_name = layers.unit_param_names(stage)
-      params[f"{path}/{r_name}"] = jax.ShapeDtypeStruct((n, layer["d_in"] + 1), dtype)
-      params[f"{path}/{a_name}"] = jax.ShapeDtypeStruct((n,), dtype)
-      growth[f"{path}/{index_name}"] = jax.ShapeDtypeStruct((n,), jnp.int32)
-  out = dict(base)
-  out["params"] = traverse_util.unflatten_dict(params, sep="/")
-  if growth:
-    out[layers.GROWTH_COLLECTION] = traverse_util.unflatten_dict(growth, sep="/")
+  out = base
+  for stage in range(max((len(layer["units"]) for layer in spec["layers"].values()), default=0)):
+    out = layers.add_unit_stages(out, {
+        path: (jax.ShapeDtypeStruct((layer["units"][stage], layer["d_in"] + 1), params[f"{path}/kernel"].dtype),
+               jax.ShapeDtypeStruct((layer["units"][stage],), params[f"{path}/kernel"].dtype),
+               jax.ShapeDtypeStruct((layer["units"][stage],), jnp.int32))
+        for path, layer in spec["layers"].items() if stage < len(layer["units"])})
   return out
 
 

@@ -1,44 +1,81 @@
 """Metrics a person can plot: TensorBoard event files and one JSON line per record.
 
-Only process 0 writes, so a multi-host run produces one copy.
+    writer = writers.create(workdir)
+    writer.write_scalars(step, {"train/loss": 0.5, "train/lr": 1e-3})
+    writer.close()
+
+clu's SummaryWriter writes TensorBoard's event files; `JsonlWriter` adds metrics.jsonl, which a
+script (plots, report, tests) reads back without TensorBoard. Only process 0 writes, so a
+multi-host run produces one copy.
 """
 
+from collections.abc import Mapping
 import json
 import os
 import time
+from typing import Any
 
+from clu import metric_writers
 import jax
 
 
-class MetricWriter:
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends one line {"kind", "step", "time", name: value, ...} per kind and write_scalars
+  call, a scalar named "kind/name" going to its kind's line; a name without a kind (clu's
+  ReportProgress writes steps_per_sec and uptime) goes to kind "progress".
 
-  def __init__(self, workdir: str):
-    self._enabled = jax.process_index() == 0
-    if not self._enabled:
-      return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only the writer needs TF)
-    self._tf = tf
-    os.makedirs(workdir, exist_ok=True)
-    self._summary = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+  Kept beside clu's writers because clu has no plain-file writer; only scalars are written.
+  """
 
-  def write(self, kind: str, step: int, values: dict):
-    """One record: scalars go to TensorBoard as kind/name, everything to metrics.jsonl."""
-    if not self._enabled:
-      return
-    record = {"kind": kind, "step": int(step), "time": time.time(), **values}
-    self._jsonl.write(json.dumps(record, default=float) + "\n")
-    self._jsonl.flush()
-    with self._summary.as_default(step=int(step)):
-      for name, value in values.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tf.summary.scalar(f"{kind}/{name}", value)
-    self._summary.flush()
+  def __init__(self, path: str):
+    self._file = open(path, "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    records = {}
+    for key, value in scalars.items():
+      kind, _, name = key.rpartition("/")
+      kind = kind or "progress"
+      records.setdefault(kind, {"kind": kind, "step": int(step), "time": time.time()})[name] = value
+    for record in records.values():
+      self._file.write(json.dumps(record, default=float) + "\n")
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
 
   def close(self):
-    if self._enabled:
-      self._jsonl.close()
-      self._summary.close()
+    self._file.close()
+
+
+def create(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard files in <workdir>/tensorboard and <workdir>/metrics.jsonl (process 0)."""
+  if jax.process_index() != 0:
+    return metric_writers.MultiWriter([])
+  os.makedirs(workdir, exist_ok=True)
+  return metric_writers.MultiWriter([
+      metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -221,3 +221,21 @@ def explicit_splitting_matrices(stats, neurons=None):
 def relative_error(actual, expected):
   return float(np.max(np.abs(np.asarray(actual) - np.asarray(expected)))
                / np.max(np.abs(np.asarray(expected))))
+
+
+# ---------------------------------------------------------------------------------------------
+# A non-finite training step through uint8 batches.
+
+POISON_PIXEL = 255  # the digits' pixels are 0..16, so no real batch holds it
+
+
+def poison_saturated_images(monkeypatch):
+  """Makes train's model input NaN for a batch holding a pixel of POISON_PIXEL: uint8 batches
+  cannot carry a NaN themselves. Patch before the train step is built."""
+  from hetscale_jax import train  # pylint: disable=g-import-not-at-top  (TF: only where used)
+  real = train.model_input
+
+  def model_input(config):
+    normalize = real(config)
+    return lambda images: jnp.where(jnp.any(images == POISON_PIXEL), jnp.nan, normalize(images))
+  monkeypatch.setattr(train, "model_input", model_input)

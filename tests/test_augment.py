@@ -1,5 +1,7 @@
 """DeiT transforms: each op on known inputs, PIL parity of the colour ops, determinism."""
 
+import math
+
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 import pytest
@@ -21,12 +23,6 @@ def seed(i: int) -> tf.Tensor:
 def test_to_uint8_rounds_and_clips():
   out = augment.to_uint8(tf.constant([-3.0, 0.4, 0.6, 254.5, 300.0]))
   np.testing.assert_array_equal(out, [0, 0, 1, 254, 255])
-
-
-def test_normalize_uses_imagenet_statistics():
-  image = tf.fill((2, 2, 3), tf.constant(255, tf.uint8))
-  expected = (1.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
-  np.testing.assert_allclose(augment.normalize(image)[0, 0], expected, rtol=1e-6)
 
 
 def test_random_flip_is_identity_or_mirror_and_both_occur():
@@ -96,13 +92,15 @@ def test_resize_center_crop_shape():
   assert augment.resize_center_crop(NOISE, 16, 0.875).shape == (16, 16, 3)
 
 
+WHITE = np.full((40, 50, 3), 255, np.uint8)  # Noise is white in all three channels only rarely.
+
+
 def test_random_erasing_rectangle_bounds():
-  image = tf.fill((40, 50, 3), 100.0)  # Noise never equals 100 exactly.
   areas = []
   for i in range(50):
-    erased = (augment.random_erasing(image, seed(i), 1.0).numpy() != 100.0)
-    assert (erased.all(-1) == erased.any(-1)).all()  # Every channel of a pixel, or none.
-    rows, cols = np.nonzero(erased[..., 0])
+    out = augment.random_erasing(WHITE, seed(i), 1.0).numpy()
+    assert out.dtype == np.uint8
+    rows, cols = np.nonzero((out != 255).any(-1))
     if rows.size:  # A rectangle: its bounding box is fully erased.
       h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
       assert h * w == rows.size and h < 40 and w < 50
@@ -112,12 +110,37 @@ def test_random_erasing_rectangle_bounds():
 
 
 def test_random_erasing_probability():
-  image = tf.zeros((16, 16, 3))
+  image = WHITE[:16, :16]
   assert all(
       np.array_equal(augment.random_erasing(image, seed(i), 0.0), image) for i in range(10))
   erased = [not np.array_equal(augment.random_erasing(image, seed(i), 0.25), image)
             for i in range(200)]
   assert 25 <= sum(erased) <= 75
+
+
+def _normal_cdf(x):
+  return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def test_random_erasing_noise_normalizes_to_standard_normal_clipped_to_pixels():
+  """Erased pixels, normalised as DeiT does, follow N(0, 1) rounded to pixel levels: pixel 0
+  takes the mass below 0.5, pixel 255 the mass above 254.5."""
+  image = np.full((64, 64, 3), 255, np.uint8)
+  erased = []
+  for i in range(30):
+    out = augment.random_erasing(image, seed(i), 1.0).numpy()
+    erased.append(out[(out != 255).any(-1)])
+  pixels = np.concatenate(erased).astype(np.float64)
+  assert len(pixels) > 10_000
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  normalized = (pixels / 255 - mean) / std
+  for c in range(3):
+    # Thresholds between pixel levels, where rounding moves no mass across.
+    for level in (0.5, round(255 * (mean[c] - std[c])) + 0.5, round(255 * mean[c]) + 0.5,
+                  round(255 * (mean[c] + std[c])) + 0.5, 254.5):
+      expected = _normal_cdf((level / 255 - mean[c]) / std[c])
+      assert abs(np.mean(pixels[:, c] < level) - expected) < 0.015, (c, level)
+    assert abs(normalized[:, c].mean()) < 0.05 and 0.9 < normalized[:, c].std() < 1.0
 
 
 # RandAugment ops.
@@ -234,7 +257,7 @@ def test_deit_train_eager_equals_tf_data():
     ds = tf.data.Dataset.from_tensor_slices(seeds).map(
         lambda s, raw=raw: augment.deit_train(raw, s, **DEIT_KWARGS), num_parallel_calls=3)
     for a, b in zip(eager, ds.as_numpy_iterator()):
-      assert a.shape == (24, 24, 3) and a.dtype == np.float32
+      assert a.shape == (24, 24, 3) and a.dtype == np.uint8
       np.testing.assert_array_equal(a, b)
     assert len({e.tobytes() for e in eager}) == len(eager)
 

@@ -28,7 +28,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hetscale_jax import checkpoint, config_lib, export, input_pipeline, sharding, train
+from hetscale_jax import checkpoint, config_lib, datasets, export, input_pipeline, sharding, train
+
+from conftest import POISON_PIXEL, poison_saturated_images
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STOP_STEP = 30  # after the first growth event (step 22), before the second (44)
@@ -150,7 +152,7 @@ def test_checkpoint_after_growth_restores_the_grown_model(stopped):
   units = {path: layer["units"] for path, layer in
            checkpoint.read_latest(stopped).architecture["layers"].items() if layer["units"]}
   assert units and all(len(u) == 1 for u in units.values())
-  assert train.param_count(restored.state.params) == restored.growth_events[0]["params_after"]
+  assert train.count_params(restored.state) == restored.growth_events[0]["params_after"]
 
 
 # ---------------------------------------------------------------------------- kills
@@ -313,7 +315,7 @@ def _growth_past_the_end(c):
 
 
 def _missing_dataset(c, empty_dir):
-  c.data = input_pipeline.default_data_config("cifar100")
+  c.data = datasets.default_data_config("cifar100")
   c.data.data_dir = empty_dir
 
 
@@ -383,8 +385,9 @@ def test_non_finite_step_stops_with_its_step_and_keeps_the_checkpoints(
 
   def poisoned(*args, start_step=0, **kwargs):
     for step, batch in enumerate(real_batches(*args, start_step=start_step, **kwargs), start_step):
-      yield dict(batch, image=np.full_like(batch["image"], np.nan)) if step == 33 else batch
+      yield dict(batch, image=np.full_like(batch["image"], POISON_PIXEL)) if step == 33 else batch
   monkeypatch.setattr(input_pipeline, "train_batches", poisoned)
+  poison_saturated_images(monkeypatch)
   with pytest.raises(train.NonFiniteError, match="not finite at step 33"):
     train.train_and_evaluate(tiny_config(), workdir)
   assert snapshot(os.path.join(workdir, checkpoint.CHECKPOINTS)) == before
@@ -410,7 +413,8 @@ def test_export_writes_variables_spec_and_summary_that_research_code_can_load(
     config = ml_collections.ConfigDict(json.load(f))
   info = input_pipeline.dataset_info(config.data)
   batch = next(input_pipeline.eval_batches(config.data, global_batch_size=64))
-  logits = train.create_model(config, info).apply(variables, batch["image"], train=False)
+  logits = train.create_model(config, info).apply(
+      variables, train.model_input(config)(batch["image"]), train=False)
   accuracy = np.mean(np.argmax(logits, -1) == batch["label"])
   assert logits.shape == (64, info.num_classes) and accuracy > 0.2  # chance is 0.1
   with open(os.path.join(out, "architecture.txt")) as f:

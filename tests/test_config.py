@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,22 @@ def load_config(name, *args):
   return module.get_config(*args)
 
 
+def test_configs_build_and_validate_without_tensorflow():
+  # A fresh interpreter: this one has long imported TensorFlow for the input pipelines.
+  code = f"""
+import importlib.util, pathlib, sys
+from hetscale_jax import config_lib
+for path in sorted(pathlib.Path({str(CONFIG_DIR)!r}).glob("*.py")):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config_lib.validate(module.get_config())
+heavy = {{"tensorflow", "tensorflow_datasets", "sklearn"}} & set(sys.modules)
+assert not heavy, heavy
+"""
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("name", ["default", "tiny_test", "deit_s_in100", "deit_s_cifar100"])
 def test_shipped_configs_validate(name):
   config_lib.validate(load_config(name))
@@ -32,13 +50,13 @@ def test_paper_variants_validate(variant):
 
 
 def test_paper_configs_start_reduced_and_grow_to_ninety_percent_of_deit_s():
-  full = config_lib.deit_param_count("S", num_classes=100, img_size=224)
+  full = deit.param_count("S", num_classes=100, img_size=224)
   grown = load_config("deit_s_in100")
-  reduced = config_lib.deit_param_count("S", num_classes=100, img_size=224,
+  reduced = deit.param_count("S", num_classes=100, img_size=224,
                                         head_dim=grown.model.head_dim, mlp_dim=grown.model.mlp_dim)
   assert reduced < grown.growth.target_params == int(0.9 * full)
   uniform = load_config("deit_s_in100", "static_uniform")
-  same_size = config_lib.deit_param_count("S", num_classes=100, img_size=224,
+  same_size = deit.param_count("S", num_classes=100, img_size=224,
                                           head_dim=uniform.model.head_dim, mlp_dim=uniform.model.mlp_dim)
   # The uniformly scaled baseline is within one head-dim step of the grown model's size.
   assert abs(same_size - grown.growth.target_params) < 0.02 * full
@@ -57,7 +75,7 @@ def test_closed_form_param_count_matches_the_model(overrides):
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, sizes["img_size"], sizes["img_size"], channels)))
   counted = sum(x.size for x in jax.tree.leaves(shapes["params"]))
-  assert config_lib.deit_param_count(variant, channels=channels, **sizes, **overrides) == counted
+  assert deit.param_count(variant, channels=channels, **sizes, **overrides) == counted
 
 
 @pytest.mark.parametrize("field, value, message", [

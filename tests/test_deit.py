@@ -86,6 +86,43 @@ def test_apply_rejects_wrong_image_size():
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention against the explicit formula: einsum logits, softmax in at least float32.
+
+
+def _einsum_attention(q, k, v):
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1]**-0.5, k)
+  probs = jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _exact_attention(q, k, v):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("head_dim", [16, 48])  # 1/sqrt(head_dim) exact in binary, and not
+def test_attention_matches_einsum_formula(head_dim):
+  q, k, v = np.random.default_rng(head_dim).standard_normal((3, 4, 17, 3, head_dim))
+  f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+  expected = np.asarray(_einsum_attention(*f32))
+  np.testing.assert_allclose(deit._attention(*f32), expected, rtol=0,
+                             atol=1e-6 * np.abs(expected).max())
+
+  # bfloat16: as close to the exact result as the formula, which rounds the logits to
+  # bfloat16 before its float32 softmax, and within a few bfloat16 steps.
+  bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  exact = _exact_attention(*bf16)
+  out = deit._attention(*bf16)
+  assert out.dtype == jnp.bfloat16
+  error = np.asarray(out, np.float64) - exact
+  formula_error = np.asarray(_einsum_attention(*bf16), np.float64) - exact
+  assert np.sqrt(np.mean(error**2)) <= np.sqrt(np.mean(formula_error**2))
+  assert np.abs(error).max() <= 2**-6 * np.abs(exact).max()
+
+
+# ---------------------------------------------------------------------------------------------
 # timm equivalence. The reference below follows timm's VisionTransformer.forward on torch-layout
 # weights, written independently of the Flax model.
 

@@ -287,7 +287,7 @@ def test_growing_twice_stacks_a_second_stage(x64):
     assert "units1_index" in twice[layers.GROWTH_COLLECTION][path]
     if path in plan.indices:  # stage 0 untouched
       np.testing.assert_array_equal(node["units0_r"], once["params"][path]["units0_r"])
-  assert grow.num_stages(twice["params"]["dense_0"]) == 2
+  assert layers.num_stages(twice["params"]["dense_0"]) == 2
   apply = jax.jit(problem.model.apply)
   inputs = problem.batch[0]
   assert float(jnp.max(jnp.abs(apply(twice, inputs) - apply(once, inputs)))) <= 1e-12

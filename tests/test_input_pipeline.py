@@ -1,20 +1,31 @@
-"""Input pipelines on the embedded digits and on tfds mock data; nothing touches the network."""
+"""Input pipelines on the embedded digits and on tfds mock data, config.data and the on-device
+normalisation; nothing touches the network."""
 
 import collections
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from sklearn import datasets as sklearn_datasets
+from sklearn import model_selection
 import tensorflow_datasets as tfds
 
+from hetscale_jax import augment
+from hetscale_jax import datasets
 from hetscale_jax import input_pipeline as ip
 from hetscale_jax import prepare_imagenet100
 
 NUM_MOCK = 160  # Mock examples per split; imagenet2012's labels are uniform over 1000 classes.
+# DeiT's normalisation of cifar100 and imagenet100 images, per RGB channel of pixels in [0, 1].
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 
 
 def take(iterator, n):
@@ -51,14 +62,27 @@ def mock_tfds(data_dir):
                                 policy=tfds.testing.MockPolicy.USE_FILES)
 
 
-# config.data validation.
+def imagenet_normalized(pixels):
+  """DeiT's host-side normalisation of uint8 RGB pixels, in float64."""
+  return (np.asarray(pixels, np.float64) / 255 - IMAGENET_MEAN) / IMAGENET_STD
 
 
-@pytest.mark.parametrize("name", ip.DATASETS)
+def assert_normalizes_to(images, name, expected):
+  """Pipeline `images` of dataset `name` are uint8, and the on-device normalisation turns them
+  into `expected` to float32 rounding."""
+  assert images.dtype == np.uint8
+  np.testing.assert_allclose(datasets.normalize(images, name), expected, rtol=0,
+                             atol=1e-6 * np.abs(expected).max())
+
+
+# config.data validation, TensorFlow-free.
+
+
+@pytest.mark.parametrize("name", datasets.DATASETS)
 def test_default_configs_are_valid(name):
-  config = ip.default_data_config(name)
-  ip.validate_data_config(config)
-  assert set(config.keys()) == set(ip.FIELDS[name])
+  config = datasets.default_data_config(name)
+  datasets.validate_data_config(config)
+  assert set(config.keys()) == set(datasets.FIELDS[name])
 
 
 @pytest.mark.parametrize("name,field,value,message", [
@@ -76,35 +100,59 @@ def test_default_configs_are_valid(name):
     ("imagenet100", "data_dir", 3, "config.data.data_dir=3: must be None or a path"),
 ])
 def test_validate_names_the_bad_field(name, field, value, message):
-  config = ip.default_data_config(name).to_dict()
+  config = datasets.default_data_config(name).to_dict()
   config[field] = value
   with pytest.raises(ValueError, match=re.escape(message)):
-    ip.validate_data_config(ml_collections.ConfigDict(config))
+    datasets.validate_data_config(ml_collections.ConfigDict(config))
 
 
 def test_validate_names_missing_and_unknown_fields():
-  config = ip.default_data_config("cifar100")
+  config = datasets.default_data_config("cifar100")
   del config["hflip"]
   with pytest.raises(ValueError, match=r"config.data.hflip is missing.*default_data_config"):
-    ip.validate_data_config(config)
-  config = ip.default_data_config("digits")
+    datasets.validate_data_config(config)
+  config = datasets.default_data_config("digits")
   config.random_erasing = 0.25
   with pytest.raises(ValueError, match="config.data.random_erasing is not used by digits"):
-    ip.validate_data_config(config)
+    datasets.validate_data_config(config)
+
+
+# Normalisation on the device.
+
+
+def test_normalize_uses_imagenet_statistics_inside_jit():
+  pixels = np.array([[[0, 0, 0], [255, 255, 255], [12, 130, 250]]], np.uint8)
+  for name in ("cifar100", "imagenet100"):
+    out = jax.jit(datasets.normalize, static_argnames="dataset")(pixels, dataset=name)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, imagenet_normalized(pixels), rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="config.data.name='mnist': choose one of"):
+    datasets.normalize(pixels, "mnist")
 
 
 # digits: the embedded default.
 
 
 def digits_config(**overrides):
-  config = ip.default_data_config("digits")
+  config = datasets.default_data_config("digits")
   config.update(overrides)
   return config
 
 
+def digits_reference():
+  """(train mean, train std, normalised float32 test images) from scikit-learn's digits as the
+  pipeline's docstring describes them: pixels / 16, stratified split of 360, seed 0."""
+  digits = sklearn_datasets.load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  train, test = model_selection.train_test_split(
+      np.arange(len(images)), test_size=360, stratify=digits.target, random_state=0)
+  mean, std = images[train].mean(), images[train].std()
+  return mean, std, (images[np.sort(test)] - mean) / std
+
+
 def test_digits_info_and_split():
   info = ip.dataset_info(digits_config())
-  assert info == ip.DatasetInfo("digits", 10, (8, 8, 1), 1437, 360)
+  assert info == datasets.DatasetInfo("digits", 10, (8, 8, 1), 1437, 360)
   assert ip.steps_per_epoch(digits_config(), 100) == 14
   batches = list(ip.eval_batches(digits_config(), global_batch_size=360))
   counts = collections.Counter(batches[0]["label"].tolist())
@@ -114,11 +162,20 @@ def test_digits_info_and_split():
 def test_digits_train_batches_shapes_and_normalisation():
   batches = take(ip.train_batches(digits_config(), global_batch_size=128, seed=0), 11)
   for batch in batches:
-    assert batch["image"].shape == (128, 8, 8, 1) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (128, 8, 8, 1) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (128,) and batch["label"].dtype == np.int32
     assert 0 <= batch["label"].min() and batch["label"].max() < 10
   images = np.concatenate([b["image"] for b in batches])
-  assert abs(images.mean()) < 0.1 and abs(images.std() - 1) < 0.1
+  assert images.max() == 16
+  mean, std, _ = digits_reference()
+  assert_normalizes_to(images, "digits", (images / 16 - mean) / std)
+  normalized = datasets.normalize(images, "digits")
+  assert abs(normalized.mean()) < 0.1 and abs(normalized.std() - 1) < 0.1
+
+
+def test_digits_eval_normalizes_to_the_reference():
+  batch = next(ip.eval_batches(digits_config(), global_batch_size=360))
+  assert_normalizes_to(batch["image"], "digits", digits_reference()[2])
 
 
 def test_train_batches_are_deterministic_and_seeded():
@@ -219,7 +276,7 @@ def test_bad_batch_arguments():
     ("imagenet100", "python -m hetscale_jax.prepare_imagenet100 --manual_dir /tars --data_dir"),
 ])
 def test_missing_dataset_fails_fast_with_fix(tmp_path, name, fix):
-  config = ip.default_data_config(name)
+  config = datasets.default_data_config(name)
   config.data_dir = os.fspath(tmp_path)
   if name == "imagenet100":
     config.manual_dir = "/tars"
@@ -249,7 +306,7 @@ def mock_dir(tmp_path_factory):
 
 
 def small_deit_config(name, data_dir):
-  config = ip.default_data_config(name)
+  config = datasets.default_data_config(name)
   config.data_dir = os.fspath(data_dir)
   config.image_size = 16
   return config
@@ -257,18 +314,24 @@ def small_deit_config(name, data_dir):
 
 def test_cifar100_batches(mock_dir):
   config = small_deit_config("cifar100", "/ignored/by/mock")
+  config.random_erasing = 0.0  # The one step that differs from DeiT's float pipeline.
   with mock_tfds(mock_dir):
     info = ip.dataset_info(config)
     train = take(ip.train_batches(config, global_batch_size=32, seed=0), 6)
     evals = list(ip.eval_batches(config, global_batch_size=64))
-  assert info == ip.DatasetInfo("cifar100", 100, (16, 16, 3), NUM_MOCK, NUM_MOCK)
+    # Eval's reference: DeiT's resize and centre crop of each test image, in split order.
+    crops = np.stack(list(tfds.builder("cifar100").as_dataset(split="test").map(
+        lambda ex: augment.resize_center_crop(ex["image"], 16, 0.875)).as_numpy_iterator()))
+  assert info == datasets.DatasetInfo("cifar100", 100, (16, 16, 3), NUM_MOCK, NUM_MOCK)
   for batch in train:
-    assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (32, 16, 16, 3)
+    assert_normalizes_to(batch["image"], "cifar100", imagenet_normalized(batch["image"]))
     assert batch["label"].dtype == np.int32
     assert 0 <= batch["label"].min() and batch["label"].max() < 100
-    assert np.isfinite(batch["image"]).all()
   assert [b["image"].shape for b in evals] == [(64, 16, 16, 3)] * 3
   assert sum(b["mask"].sum() for b in evals) == NUM_MOCK
+  eval_images = np.concatenate([b["image"] for b in evals])[:NUM_MOCK]
+  assert_normalizes_to(eval_images, "cifar100", imagenet_normalized(crops))
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +380,7 @@ def test_imagenet100_batches(imagenet100_dir):
   batches = take(ip.train_batches(config, global_batch_size=batch_size, seed=0), 3)
   for batch in batches:
     assert batch["image"].shape == (batch_size, 16, 16, 3)
-    assert batch["image"].dtype == np.float32 and batch["label"].dtype == np.int32
+    assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32
     assert set(batch["label"].tolist()) <= set(labels.tolist())
   evals = list(ip.eval_batches(config, global_batch_size=8, process_index=1, process_count=2))
-  assert evals[0]["image"].shape == (4, 16, 16, 3)
+  assert evals[0]["image"].shape == (4, 16, 16, 3) and evals[0]["image"].dtype == np.uint8

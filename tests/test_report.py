@@ -87,18 +87,6 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
       assert f.read(8) == PNG_MAGIC
 
 
-def test_units_history_matches_the_grown_architecture(runs):
-  summary = _summary(runs[0])
-  with open(os.path.join(plots.plots_dir(runs[0]), plots.UNITS_HISTORY)) as f:
-    history = json.load(f)
-  assert [e["step"] for e in history] == [e["step"] for e in summary["growth_events"]]
-  units = plots.units_per_neuron(history, summary["architecture"])
-  for path, layer in summary["architecture"]["layers"].items():
-    assert units[path].sum() == sum(layer["units"])
-    # A stage holds each neuron once, so no neuron has more units than there were events.
-    assert units[path].max(initial=0) <= len(layer["units"])
-
-
 def _random_spectrum(variables, seed=0):
   """A Spectrum of the right shapes for every GrowableDense (values irrelevant here)."""
   rng = np.random.default_rng(seed)
@@ -151,25 +139,21 @@ def test_forward_flops_equals_the_jaxprs_matmul_count():
       _matmul_flops(jaxpr.jaxpr))
 
 
-def _growth_event(workdir, step, variables):
-  spectrum = _random_spectrum(variables, seed=step)
-  plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=step)
-  grown = grow.grow(variables, plan, spectrum)
-  plots.growth_event_figures(workdir, step, spectrum, plan, spec.from_variables(grown))
-  return grown
-
-
-def test_growth_events_replayed_after_a_resume_replace_the_recorded_ones(tmp_path):
+def test_units_per_neuron_counts_every_stage_and_the_event_figures_are_drawn(tmp_path):
   workdir = str(tmp_path)
-  after_10 = _growth_event(workdir, 10, make_deit().variables)
-  _growth_event(workdir, 20, after_10)
-  after_20 = _growth_event(workdir, 20, after_10)  # resumed from a checkpoint before step 20
-  with open(os.path.join(plots.plots_dir(workdir), plots.UNITS_HISTORY)) as f:
-    history = json.load(f)
-  assert [e["step"] for e in history] == [10, 20]
-  architecture = spec.from_variables(after_20)
-  units = plots.units_per_neuron(history, architecture)
-  assert all(units[p].sum() == sum(layer["units"]) for p, layer in architecture["layers"].items())
+  variables = make_deit().variables
+  expected = {}
+  for step in (10, 20):
+    spectrum = _random_spectrum(variables, seed=step)
+    plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=step)
+    variables = grow.grow(variables, plan, spectrum)
+    plots.growth_event_figures(workdir, step, spectrum, plan, variables)
+    for path, neurons in plan.indices.items():
+      np.add.at(expected.setdefault(path, np.zeros(spectrum[path].eigvals.shape[0], int)), neurons, 1)
+  units = plots.units_per_neuron(variables)
+  assert list(units) == sorted(units, key=plots.layer_order)
+  for path, counts in units.items():
+    np.testing.assert_array_equal(counts, expected.get(path, np.zeros_like(counts)))
   for name in (plots.eigenvalues_name(10), plots.units_name(20), plots.UNITS):
     with open(os.path.join(plots.plots_dir(workdir), name), "rb") as f:
       assert f.read(8) == PNG_MAGIC

@@ -1,4 +1,4 @@
-"""Sharded training gives the numbers of one device (DESIGN section 9).
+"""Sharded training gives the numbers of one device (docs/method.md, "Scale").
 
 XLA fixes the number of CPU devices when its backend starts, which the rest of the suite has
 long done in the pytest process, so the sharded runs happen in fresh subprocesses running
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import pytest
 
-from hetscale_jax import distributed, input_pipeline, sharding, train
+from hetscale_jax import distributed, growth_event, input_pipeline, sharding, train
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny_test.py"
 MESHES = {"1": (1, 1), "data8": (8, 1), "fsdp4": (2, 4), "fsdp8": (1, 8)}  # (data, fsdp)
@@ -92,8 +92,11 @@ def run_scenario(data: int, fsdp: int) -> dict:
   out = {"local_batch": len(local[0]["label"]), "loss0": float(metrics["loss"]),
          "params0": _flat(state.params)}
 
-  grown, spectrum, plan = train.grow_state(config, model, tx, state, batches[1:], budget=400,
-                                           num_classes=info.num_classes)
+  config.growth.budget_per_event = 400
+  grown, event = growth_event.grow_state(config, model, tx, state, batches[1:], events_left=1,
+                                         num_classes=info.num_classes,
+                                         model_input=train.model_input(config))
+  spectrum, plan = event.spectrum, event.plan
   out["eigvals"] = {p: np.asarray(s.eigvals) for p, s in spectrum.items()}
   out["plan"] = {p: i.tolist() for p, i in plan.indices.items()}
   out["grown_params"] = _flat(grown.params)
@@ -105,7 +108,7 @@ def run_scenario(data: int, fsdp: int) -> dict:
   out["loss1"] = float(metrics["loss"])
   out["params1"] = _flat(grown.params)
   out["opt_state1"] = _flat(grown.opt_state)
-  out["eval"] = _flat(train.make_eval_step(model)(grown.variables, eval_batch))
+  out["eval"] = _flat(train.make_eval_step(model, config)(grown.variables, eval_batch))
   return out
 
 

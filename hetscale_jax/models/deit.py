@@ -26,6 +26,8 @@ VARIANTS = {
     "S": dict(width=384, depth=12, num_heads=6),
     "B": dict(width=768, depth=12, num_heads=12),
 }
+# The layer kinds that carry units: every GrowableDense of a block.
+GROWABLE_LAYERS = ("qkv", "proj", "fc1", "fc2")
 OVERRIDES = ("width", "depth", "num_heads", "head_dim", "mlp_dim", "patch_size",
              "drop_path_rate", "dtype", "unit_activation")
 
@@ -37,6 +39,19 @@ _conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 def _at_least_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v per head; q, k, v and the result are
+  [batch, tokens, heads, head_dim]."""
+  if q.dtype == jnp.float64:
+    # jax.nn.dot_product_attention rounds the softmax to float32 whatever the inputs, and
+    # float64 models exist to check the growth maths to float64 rounding.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1]**-0.5
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+  # jax's maintained attention keeps the logits and the softmax in float32 for bfloat16
+  # activations, whose softmax normalisation would lose too much.
+  return jax.nn.dot_product_attention(q, k, v)
 
 
 def _growable_dense(dtype, unit_activation: str):
@@ -60,10 +75,7 @@ class Attention(nn.Module):
     qkv = dense(3 * self.num_heads * self.head_dim, name="qkv")(x)
     # timm's layout: the qkv features are (3, heads, head_dim), in that order.
     q, k, v = jnp.unstack(qkv.reshape(b, n, 3, self.num_heads, self.head_dim), axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim**-0.5, k)
-    # The softmax normalisation loses too much in bfloat16.
-    probs = jax.nn.softmax(_at_least_float32(logits), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, -1)
+    out = _attention(q, k, v).reshape(b, n, -1)
     return dense(d, name="proj")(out)
 
 
@@ -151,13 +163,40 @@ class VisionTransformer(nn.Module):
     return _at_least_float32(logits)
 
 
-def _per_block(value: int | Sequence[int], depth: int, name: str) -> tuple[int, ...]:
+def per_block(value: int | Sequence[int], depth: int, name: str) -> tuple[int, ...]:
+  """An int for every block, or one int per block, as a tuple of `depth` ints (ValueError
+  naming `name` otherwise)."""
   if np.ndim(value) == 0:
-    return (int(value),) * depth
-  value = tuple(int(v) for v in value)
+    value = (value,) * depth
   if len(value) != depth:
     raise ValueError(f"{name} has {len(value)} entries, expected one per block (depth {depth})")
-  return value
+  if not all(isinstance(v, (int, np.integer)) and v > 0 for v in value):
+    raise ValueError(f"{name}={value!r}: every entry must be a positive int")
+  return tuple(int(v) for v in value)
+
+
+def architecture(variant: str, **overrides) -> dict[str, Any]:
+  """DeiT-`variant`'s settings with `overrides` (see OVERRIDES) applied; head_dim and mlp_dim
+  resolved to one int per block."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown DeiT variant {variant!r}; choose one of {list(VARIANTS)}")
+  unknown = sorted(set(overrides) - set(OVERRIDES))
+  if unknown:
+    raise ValueError(f"unknown override(s) {unknown}; allowed: {list(OVERRIDES)}")
+  cfg = dict(patch_size=16, drop_path_rate=0.0, dtype=jnp.float32, unit_activation="gelu",
+             head_dim=None, mlp_dim=None, **VARIANTS[variant])
+  cfg.update({k: v for k, v in overrides.items() if v is not None})
+  width, depth, num_heads = cfg["width"], cfg["depth"], cfg["num_heads"]
+  if cfg["head_dim"] is None:
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}; "
+                       "give head_dim")
+    cfg["head_dim"] = width // num_heads
+  if cfg["mlp_dim"] is None:
+    cfg["mlp_dim"] = 4 * width
+  cfg["head_dim"] = per_block(cfg["head_dim"], depth, "head_dim")
+  cfg["mlp_dim"] = per_block(cfg["mlp_dim"], depth, "mlp_dim")
+  return cfg
 
 
 def create(variant: str, num_classes: int = 1000, img_size: int = 224,
@@ -168,25 +207,7 @@ def create(variant: str, num_classes: int = 1000, img_size: int = 224,
   block or a sequence with one entry per block; qkv has 3 * num_heads * head_dim outputs.
   dtype is the activation dtype; parameters are always float32.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown DeiT variant {variant!r}; choose one of {list(VARIANTS)}")
-  unknown = sorted(set(overrides) - set(OVERRIDES))
-  if unknown:
-    raise ValueError(f"unknown override(s) {unknown}; allowed: {list(OVERRIDES)}")
-  cfg = dict(patch_size=16, drop_path_rate=0.0, dtype=jnp.float32, unit_activation="gelu",
-             head_dim=None, mlp_dim=None, **VARIANTS[variant])
-  cfg.update(overrides)
-
-  width, depth, num_heads = cfg["width"], cfg["depth"], cfg["num_heads"]
-  if cfg["head_dim"] is None:
-    if width % num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}; "
-                       "give head_dim")
-    cfg["head_dim"] = width // num_heads
-  if cfg["mlp_dim"] is None:
-    cfg["mlp_dim"] = 4 * width
-  cfg["head_dim"] = _per_block(cfg["head_dim"], depth, "head_dim")
-  cfg["mlp_dim"] = _per_block(cfg["mlp_dim"], depth, "mlp_dim")
+  cfg = architecture(variant, **overrides)
   if img_size % cfg["patch_size"]:
     raise ValueError(f"img_size {img_size} is not divisible by patch_size {cfg['patch_size']}")
   cfg["dtype"] = jnp.dtype(cfg["dtype"])
@@ -194,6 +215,34 @@ def create(variant: str, num_classes: int = 1000, img_size: int = 224,
     raise ValueError(f"dtype must be a floating type, got {cfg['dtype']}")
   activation_fn(cfg["unit_activation"])  # Fails now on an unknown name, not at the first growth.
   return VisionTransformer(num_classes=num_classes, img_size=img_size, **cfg)
+
+
+def param_count(variant: str = "S", *, num_classes: int, img_size: int, channels: int = 3,
+                **overrides) -> int:
+  """Parameters of `create(variant, num_classes, img_size, **overrides)` on `channels`-channel
+  images, in closed form: searching widths by it costs no tracing (tests check it against
+  the model)."""
+  cfg = architecture(variant, **overrides)
+  width, heads, patch = cfg["width"], cfg["num_heads"], cfg["patch_size"]
+  tokens = (img_size // patch) ** 2 + 1
+  total = patch ** 2 * channels * width + width + width + tokens * width
+  for h, m in zip(cfg["head_dim"], cfg["mlp_dim"]):
+    inner = heads * h
+    total += 4 * width + 3 * inner * (width + 1) + inner * width + width + 2 * width * m + m + width
+  return total + 2 * width + width * num_classes + num_classes
+
+
+def uniform_widths(target_params: int, variant: str = "S", **sizes) -> tuple[int, int]:
+  """(head_dim, mlp_dim) in the full model's mlp/head ratio, alike in every block, whose
+  parameter count (param_count(variant, **sizes)) is closest to target_params: the
+  conventional-scaling baseline. `sizes` may override width, depth and num_heads too."""
+  base = architecture(variant, **{k: v for k, v in sizes.items() if k in OVERRIDES})
+  full_head = base["width"] // base["num_heads"]
+  ratio = 4 * base["width"] // full_head
+  sizes = {k: v for k, v in sizes.items() if k not in ("head_dim", "mlp_dim")}
+  return min(((h, ratio * h) for h in range(1, 2 * full_head + 1)),
+             key=lambda hm: abs(param_count(variant, head_dim=hm[0], mlp_dim=hm[1], **sizes)
+                                - target_params))
 
 
 def params_from_timm(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""One growth event of a training run: spectrum, plan, grown variables, migrated optimizer.
+
+    steps = event_steps(config, steps_per_epoch)
+    state, event = grow_state(config, model, tx, state, probe, events_left=2, num_classes=10,
+                              model_input=...)
+    print(describe(event.record))
+
+The probe is the next training batches (no extra data), scored with the deterministic
+training loss: no drop-path and no mixing, so that every Lanczos product sees the same
+operator (docs/method.md, "Training recipe and schedule"). Only the layer kinds named in
+config.growth.layers are scored at all. The caller recompiles the train step for the grown
+tree and adds the compile time to the record.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import time
+
+from clu import parameter_overview
+import jax
+import numpy as np
+
+from hetscale_jax import grow, losses, sharding
+from hetscale_jax.layers import GROWTH_COLLECTION
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+  spectrum: dict           # {layer path: splitting.Spectrum} as host arrays
+  plan: grow.Plan
+  record: dict             # what summary.json, metrics and checkpoints keep of the event
+
+
+def event_steps(config, steps_per_epoch: int) -> list[int]:
+  """The steps at which the run grows: config.growth.epochs in steps (none if disabled)."""
+  if not config.growth.enabled:
+    return []
+  return [int(round(e * steps_per_epoch)) for e in config.growth.epochs]
+
+
+def event_budget(growth_config, current_params: int, events_left: int) -> int:
+  """Parameters this event may add: the fixed budget, or an equal share of what is left to
+  the target over the events left."""
+  if growth_config.budget_per_event > 0:
+    return growth_config.budget_per_event
+  return max(growth_config.target_params - current_params, 0) // events_left
+
+
+def eigenvalue_summary(spectrum) -> dict:
+  """Per layer: the smallest and median normalised eigenvalue, the share of negative ones and
+  the largest Lanczos residual."""
+  out = {}
+  for path, s in spectrum.items():
+    lam = np.asarray(s.eigvals) / float(s.input_scale)
+    out[path] = {"min": float(lam.min()), "median": float(np.median(lam)),
+                 "negative": float(np.mean(lam < 0)),
+                 "max_residual": float(np.max(np.asarray(s.residuals)))}
+  return out
+
+
+def probe_loss(model, num_classes: int, smoothing: float, model_input: Callable):
+  """The training loss without its noise: no drop-path, no mixing (label smoothing kept)."""
+  def loss_fn(variables, batch):
+    logits = model.apply(variables, model_input(batch["image"]), train=False)
+    return losses.cross_entropy(logits, losses.soft_targets(batch["label"], num_classes, smoothing))
+  return loss_fn
+
+
+@functools.lru_cache
+def eligible(layer_kinds: tuple[str, ...]) -> Callable[[str], bool]:
+  """The layer filter of the spectrum: a layer path ends in one of the eligible kinds. Cached:
+  the filter is a static argument of the jitted spectrum, and a new function would recompile
+  it."""
+  return lambda path: path.rsplit("/", 1)[-1] in layer_kinds
+
+
+def grow_state(config, model, tx, state, probe: list, *, events_left: int, num_classes: int,
+               model_input: Callable):
+  """`state` grown at its step by config.growth, scored on the `probe` batches.
+
+  Returns (grown state, Event). The state is any flax struct with step, params, growth and
+  opt_state fields (train.TrainState).
+  """
+  g = config.growth
+  step = int(state.step)
+  before = int(parameter_overview.count_parameters(state.params))
+  start = time.perf_counter()
+  variables = {"params": state.params, GROWTH_COLLECTION: state.growth}
+  spectrum = grow.splitting_spectrum(
+      probe_loss(model, num_classes, config.label_smoothing, model_input), variables,
+      probe if len(probe) > 1 else probe[0], num_iters=g.num_iters,
+      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step), method=g.method,
+      layer_filter=eligible(tuple(g.layers)))
+  spectrum = sharding.host_value(spectrum)
+  plan = grow.select(spectrum, event_budget(g, before, events_left), g.threshold, rule=g.rule,
+                     max_layer_fraction=g.max_layer_fraction, rng=config.seed + step)
+  variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale)
+  grown = state.replace(params=variables["params"], growth=variables[GROWTH_COLLECTION],
+                        opt_state=grow.migrate_opt_state(tx, state.opt_state, variables["params"]))
+  after = int(parameter_overview.count_parameters(grown.params))
+  record = {"step": step, "params_before": before, "params_after": after,
+            "plan_params": plan.num_params, "grown": plan.counts(), "rule": plan.rule,
+            "seconds_spectrum": time.perf_counter() - start,
+            "eigenvalues": eigenvalue_summary(spectrum)}
+  return grown, Event(spectrum, plan, record)
+
+
+def describe(record: dict) -> str:
+  """The event as printed: sizes and timings, then one line per scored layer."""
+  lines = [f"growth at step {record['step']}: {record['params_before']:,} -> "
+           f"{record['params_after']:,} params (+{record['params_after'] - record['params_before']:,}"
+           f", rule {record['rule']}); spectrum {record['seconds_spectrum']:.1f}s, recompile "
+           f"{record['seconds_compile']:.1f}s"]
+  lines.append(f"  {'layer':<22}{'grown':>7}{'min lambda':>12}{'median':>11}{'neg':>6}")
+  for path, e in record["eigenvalues"].items():
+    lines.append(f"  {path:<22}{record['grown'].get(path, 0):>7}{e['min']:>12.3g}"
+                 f"{e['median']:>11.3g}{e['negative']:>6.0%}")
+  return "\n".join(lines)
