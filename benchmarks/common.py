@@ -54,9 +54,8 @@ def synthetic_batch(config, info, seed: int = 0) -> dict:
   """A batch as the input pipelines yield it: uint8 pixels in the dataset's range (digits to
   16, the others to 255), so that the normalised inputs are of the real data's scale."""
   rng = np.random.default_rng(seed)
-  max_pixel = datasets.DIGITS_MAX_PIXEL if info.name == "digits" else 255
   shape = (config.batch_size,) + tuple(info.image_shape)
-  return {"image": rng.integers(0, max_pixel + 1, shape, dtype=np.uint8),
+  return {"image": rng.integers(0, datasets.max_pixel(info.name) + 1, shape, dtype=np.uint8),
           "label": rng.integers(0, info.num_classes, config.batch_size).astype(np.int32)}
 
 

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import common
-from hetscale_jax import grow, growth_event, train
+from hetscale_jax import grow, growth_event, spec, train
 
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -53,7 +53,7 @@ def measure(config) -> list[dict]:
   rows = []
   for event in range(num_events + 1):
     if event:
-      params = train.count_params(state)
+      params = spec.count_params(state.params)
       spectrum = common.random_spectrum(state.variables, g.layers, seed=event)
       plan = grow.select(spectrum, growth_event.event_budget(g, params, num_events - event + 1),
                          rule="random", max_layer_fraction=g.max_layer_fraction, rng=event)
@@ -61,7 +61,7 @@ def measure(config) -> list[dict]:
     compiled = trainer.compile(state, batch)
     start = time.perf_counter()
     eval_step.lower(state.variables, eval_batch).compile()
-    rows.append({"event": event, "params": train.count_params(state),
+    rows.append({"event": event, "params": spec.count_params(state.params),
                  "train_step_s": compiled.seconds, "eval_step_s": time.perf_counter() - start})
   return rows
 

@@ -24,12 +24,11 @@ from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 import common
-from hetscale_jax import grow, train
+from hetscale_jax import grow, spec, train
 from hetscale_jax.layers import GrowableDense
 from hetscale_jax.models import deit
 
@@ -114,7 +113,7 @@ def main(argv):
   spectrum = common.random_spectrum(growable_state.variables, config.growth.layers, seed=0)
   plan = ten_percent_plan(spectrum, _GROWN_FRACTION.value, seed=0)
   grown_state = common.grow_state(growable, growable_state, plan, spectrum)
-  grown_params = train.count_params(grown_state)
+  grown_params = spec.count_params(grown_state.params)
   static_config = config.copy_and_resolve_references()
   static_config.model.mlp_dim = widened_mlp(config, info, grown_params)
   static = common.Trainer(static_config, info)
@@ -126,7 +125,7 @@ def main(argv):
                                ("grown", growable, grown_state), ("static", static, static_state)):
     compiled = dense_compiled if name == "dense" else trainer.compile(state, batch)
     candidates[name] = (compiled, *trainer.place(state, compiled, batch))
-    print(f"  {name:<9} {train.count_params(state):>12,} params, compiled in "
+    print(f"  {name:<9} {spec.count_params(state.params):>12,} params, compiled in "
           f"{compiled.seconds:.1f}s")
   costs = {n: candidates[n][0].fn.cost_analysis() for n in ("dense", "growable")}
   print("  XLA's cost analysis of the dense / growable steps: " + ", ".join(

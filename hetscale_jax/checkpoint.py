@@ -26,6 +26,7 @@ against those computed at save time (orbax reads some damaged files without an e
 checkpoint that fails any of this is skipped with a warning for the previous one.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -363,18 +364,34 @@ def read_latest(workdir: str) -> Final:
   """The newest checkpoint whose variables restore and verify, onto this host, without the
   model code or the devices that wrote it; older ones are tried with a warning. Changes
   nothing in the workdir."""
+  with _reader(workdir) as (manager, directory):
+    steps = manager.all_steps()
+    _, final = _newest_usable(steps, lambda step: _read_step(manager, step))
+  if final is None:
+    raise CheckpointError(f"none of the checkpoints {steps} in {directory} could be read")
+  return final
+
+
+def read_step(workdir: str, step: int) -> Final:
+  """The checkpoint of `step`, as read_latest reads it; CheckpointError if there is none."""
+  with _reader(workdir) as (manager, directory):
+    if step not in manager.all_steps():
+      raise CheckpointError(f"{directory} holds no checkpoint of step {step} (it has "
+                            f"{manager.all_steps()})")
+    return _read_step(manager, step)
+
+
+@contextlib.contextmanager
+def _reader(workdir: str):
+  """(read-only manager, directory) of a workdir's checkpoints."""
   directory = epath.Path(workdir) / CHECKPOINTS
   if not directory.exists():
     raise CheckpointError(f"{workdir} holds no checkpoints ({directory} is missing)")
   manager = _manager(directory, read_only=True, create=False, save_interval_steps=0)
   try:
-    steps = manager.all_steps()
-    _, final = _newest_usable(steps, lambda step: _read_step(manager, step))
+    yield manager, directory
   finally:
     manager.close()
-  if final is None:
-    raise CheckpointError(f"none of the checkpoints {steps} in {directory} could be read")
-  return final
 
 
 def _newest_usable(steps, restore: Callable[[int], Any]) -> tuple[int | None, Any]:

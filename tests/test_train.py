@@ -6,8 +6,6 @@ import os
 import pathlib
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
