@@ -62,6 +62,7 @@ def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   c.growth.probe_batches = 1                  # training batches the splitting matrices average
   c.growth.num_iters = splitting.DEFAULT_NUM_ITERS   # Lanczos iterations
   c.growth.method = "collected"               # or "streamed" (memory of one training step)
+  c.growth.measure_split = False              # also measure the split-mode loss change (growth_event)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                             # devices over which params/opt state are sharded

@@ -74,8 +74,8 @@ def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *
   rule="splitting" (the paper): neurons whose normalised eigenvalue is below `threshold`,
     most negative per parameter first.
   rule="random": uniformly random neurons, no threshold.
-  rule="uniform": the budget split equally over layers, each layer's most negative
-    neurons first (no threshold): same budget, no choice of where.
+  rule="uniform": rounds over the layers, each taking its next most negative neuron (no
+    threshold): equal unit counts per layer while budget and caps allow, no choice of where.
   rule="first_order": largest |dL/da| for a random r (the Rayleigh quotient at the random
     Lanczos start), no threshold; the units then use that random r.
   Every rule takes at most max_layer_fraction of one layer's neurons per event.
@@ -92,11 +92,11 @@ def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *
   paths = sorted(spectrum)
 
   if rule == "uniform":
-    share = budget // max(len(paths), 1)
-    chosen = {}
-    for p in paths:
-      order = np.argsort(scores[p], kind="stable")
-      chosen[p] = list(order[:min(share // costs[p], caps[p])])
+    # Rounds over the layers, each giving its next most negative neuron: equal unit counts
+    # per layer for as long as budget and caps allow.
+    ranked = {p: np.argsort(scores[p], kind="stable") for p in paths}
+    ordered = [(p, ranked[p][k]) for k in range(max(map(len, ranked.values()), default=0))
+               for p in paths if k < len(ranked[p])]
   else:
     candidates = [(p, j) for p in paths for j in range(len(scores[p]))]
     if rule == "random":
@@ -105,7 +105,8 @@ def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *
       if rule == "splitting":
         candidates = [(p, j) for p, j in candidates if scores[p][j] < threshold]
       order = np.argsort([scores[p][j] / costs[p] for p, j in candidates], kind="stable")
-    chosen = _greedy_fill([candidates[i] for i in order], budget, costs, caps)
+    ordered = [candidates[i] for i in order]
+  chosen = _greedy_fill(ordered, budget, costs, caps)
 
   indices = {p: np.sort(np.asarray(chosen[p], np.int32)) for p in paths if chosen[p]}
   return Plan(indices=indices, direction="random" if rule == "first_order" else "eigvec",
@@ -135,6 +136,19 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
     a = jnp.full((len(neurons),), 1.0 if mode == "split" else 0.0, dtype)
     stages[path] = (r, a, jnp.asarray(neurons, jnp.int32))
   return layers.add_unit_stages(variables, stages)
+
+
+def predicted_split_change(plan: Plan, spectrum: dict[str, Spectrum],
+                           unit_scale: float = 1.0) -> float:
+  """The second-order loss change of growing `plan` in split mode: the sum over its units of
+  1/2 |r|^2 r^T S r / |r|^2, i.e. 1/2 unit_scale^2 / input_scale times the neuron's smallest
+  eigenvalue (or, for random directions, the Rayleigh quotient of its random start)."""
+  total = 0.0
+  for path, neurons in plan.indices.items():
+    s = spectrum[path]
+    values = s.start_rayleigh if plan.direction == "random" else s.eigvals
+    total += 0.5 * unit_scale**2 / float(s.input_scale) * float(np.sum(np.asarray(values)[neurons]))
+  return total
 
 
 def migrate_opt_state(tx, opt_state, new_params):

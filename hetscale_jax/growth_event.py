@@ -10,6 +10,11 @@ training loss: no drop-path and no mixing, so that every Lanczos product sees th
 operator (docs/method.md, "Training recipe and schedule"). Only the layer kinds named in
 config.growth.layers are scored at all. The caller recompiles the train step for the grown
 tree and adds the compile time to the record.
+
+With a `check_batch`, the event also measures the criterion itself: the chosen units grown in
+split mode (a = 1) instead, on a copy, change the loss by about 1/2 |r|^2 lambda each
+(docs/method.md, "The unit"); the record keeps that prediction and the measured change on the
+probe and on the check batch, each per added parameter.
 """
 
 from collections.abc import Callable
@@ -17,11 +22,10 @@ import dataclasses
 import functools
 import time
 
-from clu import parameter_overview
 import jax
 import numpy as np
 
-from hetscale_jax import grow, losses, sharding
+from hetscale_jax import grow, losses, sharding, spec
 from hetscale_jax.layers import GROWTH_COLLECTION
 
 
@@ -75,8 +79,21 @@ def eligible(layer_kinds: tuple[str, ...]) -> Callable[[str], bool]:
   return lambda path: path.rsplit("/", 1)[-1] in layer_kinds
 
 
+def split_check(loss_fn, variables, spectrum, plan: grow.Plan, unit_scale: float,
+                batches: dict[str, list]) -> dict:
+  """Per added parameter: the predicted loss change of growing `plan` in split mode and the
+  measured one on each named list of batches (their mean loss)."""
+  split = grow.grow(variables, plan, spectrum, mode="split", unit_scale=unit_scale)
+  mean_loss = lambda v, batch_list: np.mean([float(loss_fn(v, b)) for b in batch_list])
+  per_param = max(plan.num_params, 1)
+  out = {"predicted": grow.predicted_split_change(plan, spectrum, unit_scale) / per_param}
+  for name, batch_list in batches.items():
+    out[name] = (mean_loss(split, batch_list) - mean_loss(variables, batch_list)) / per_param
+  return out
+
+
 def grow_state(config, model, tx, state, probe: list, *, events_left: int, num_classes: int,
-               model_input: Callable):
+               model_input: Callable, check_batch=None):
   """`state` grown at its step by config.growth, scored on the `probe` batches.
 
   Returns (grown state, Event). The state is any flax struct with step, params, growth and
@@ -84,26 +101,31 @@ def grow_state(config, model, tx, state, probe: list, *, events_left: int, num_c
   """
   g = config.growth
   step = int(state.step)
-  before = int(parameter_overview.count_parameters(state.params))
+  before = spec.count_params(state.params)
   start = time.perf_counter()
   variables = {"params": state.params, GROWTH_COLLECTION: state.growth}
+  loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
   spectrum = grow.splitting_spectrum(
-      probe_loss(model, num_classes, config.label_smoothing, model_input), variables,
+      loss_fn, variables,
       probe if len(probe) > 1 else probe[0], num_iters=g.num_iters,
       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step), method=g.method,
       layer_filter=eligible(tuple(g.layers)))
   spectrum = sharding.host_value(spectrum)
   plan = grow.select(spectrum, event_budget(g, before, events_left), g.threshold, rule=g.rule,
                      max_layer_fraction=g.max_layer_fraction, rng=config.seed + step)
+  record = {"step": step, "params_before": before, "plan_params": plan.num_params,
+            "grown": plan.counts(), "rule": plan.rule,
+            "seconds_spectrum": time.perf_counter() - start,
+            "eigenvalues": eigenvalue_summary(spectrum)}
+  if check_batch is not None:
+    record["split_check"] = split_check(loss_fn, variables, spectrum, plan, g.unit_scale,
+                                        {"probe": probe, "check": [check_batch]})
   variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale)
   grown = state.replace(params=variables["params"], growth=variables[GROWTH_COLLECTION],
                         opt_state=grow.migrate_opt_state(tx, state.opt_state, variables["params"]))
-  after = int(parameter_overview.count_parameters(grown.params))
-  record = {"step": step, "params_before": before, "params_after": after,
-            "plan_params": plan.num_params, "grown": plan.counts(), "rule": plan.rule,
-            "seconds_spectrum": time.perf_counter() - start,
-            "eigenvalues": eigenvalue_summary(spectrum)}
+  record["params_after"] = spec.count_params(grown.params)
   return grown, Event(spectrum, plan, record)
+
 
 
 def describe(record: dict) -> str:

@@ -52,7 +52,7 @@ def layer_order(path: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def _save(fig: Figure, path: str):
+def save(fig: Figure, path: str):
   FigureCanvasAgg(fig)
   fig.savefig(path, dpi=100)
 
@@ -71,11 +71,11 @@ def growth_event_figures(workdir: str, step: int, spectrum, plan, variables):
   grown = {p: np.asarray(i) for p, i in plan.indices.items()}
   figure2 = [p for p in FIGURE2_LAYERS if p in spectrum]
   if figure2:
-    _save(eigenvalue_figure(step, {p: spectrum[p] for p in figure2}, grown),
+    save(eigenvalue_figure(step, {p: spectrum[p] for p in figure2}, grown),
           os.path.join(plots_dir(workdir), eigenvalues_name(step)))
   units = units_per_neuron(variables)
   path = os.path.join(plots_dir(workdir), units_name(step))
-  _save(units_figure(step, units), path)
+  save(units_figure(step, units), path)
   shutil.copyfile(path, os.path.join(plots_dir(workdir), UNITS))
 
 
@@ -144,7 +144,7 @@ def final_figures(workdir: str):
     return
   os.makedirs(plots_dir(workdir), exist_ok=True)
   records = read_metrics(workdir)
-  _save(training_figure(records), os.path.join(plots_dir(workdir), TRAINING))
+  save(training_figure(records), os.path.join(plots_dir(workdir), TRAINING))
 
 
 def read_metrics(workdir: str) -> dict[str, list[dict]]:

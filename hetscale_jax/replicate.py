@@ -1,8 +1,9 @@
-r"""Mini-replication on the embedded digits: growth rules and static models, several seeds each,
-summarised as a markdown table of test top-1 (mean and standard deviation over seeds).
+r"""Replication: growth rules and static models, paired over seeds, with the study's evidence.
 
-    python -m hetscale_jax.replicate --workdir workdirs/replication                # 5 seeds
-    python -m hetscale_jax.replicate --workdir workdirs/replication --quick --jobs 2
+    python -m hetscale_jax.replicate --workdir workdirs/replication                  # digits
+    python -m hetscale_jax.replicate --config configs/study_mnist5k.py \
+        --workdir workdirs/study --jobs 2                                          # the study
+    python -m hetscale_jax.replicate ... --quick                                    # smoke run
 
 Variants of the config (default: configs/default.py; any --config.field=value applies to all):
 
@@ -14,13 +15,24 @@ Variants of the config (default: configs/default.py; any --config.field=value ap
                          parameter count is closest to the grown models' (growth.target_params,
                          or the start plus every event's budget): conventional scaling
 
+Pairing: for each seed every variant starts from the same initial parameters where shapes
+allow (the four rules and static_reduced), sees the same batches, and the rules grow at the
+same steps; they differ only in which neurons get units. Every variant logs its training loss
+at every step, and every rule's growth events also measure the split-mode loss change on a
+held-aside batch (growth_event.split_check). The evidence (hetscale_jax.evidence): per variant
+the final test top-1 and loss, parameters, FLOPs, the mean training loss of the
+--post_event_steps steps after each event and the split check; paired differences with 95%
+intervals of each rule to splitting and to static_uniform; the training loss around each event
+and a forest plot of the differences.
+
 --quick halves training (half the epochs, growth events at the same fractions of training,
 one evaluation at the end). Each run trains in a worker process in its own workdir
 <workdir>/<variant>/seed<k> (summary.json, metrics.jsonl, plots, config.json, checkpoints,
 train.log); a run whose summary.json exists is not run again and an interrupted one resumes
-from its checkpoint, so a stopped replication goes on where it was and seeds can be added. All runs share one persistent XLA cache in <workdir>/xla_cache:
-seeds of a static model, and first growth events, compile once. The table goes to
-<workdir>/replication.md and stdout; `python -m hetscale_jax.report` renders single runs.
+from its checkpoint, so a stopped replication goes on where it was, seeds can be added, and
+running the command again over finished runs only renders the report. All runs share one
+persistent XLA cache in <workdir>/xla_cache. The report goes to <workdir>/replication.md (and
+stdout), its figures to <workdir>/loss_around_events.png and <workdir>/forest.png.
 """
 
 from concurrent import futures
@@ -41,7 +53,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
-from hetscale_jax import checkpoint, input_pipeline, report, train
+from hetscale_jax import checkpoint, evidence, growth_event, input_pipeline, plots, report, train
 from hetscale_jax.models import deit
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,10 +64,13 @@ VARIANTS = GROWTH_RULES + STATIC
 config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "default.py"),
                                 "Base config of every variant.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the table go.", required=True)
-_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds 0 .. seeds-1 of every variant.")
+_SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0 .. seeds-1 of every variant.")
 _QUICK = flags.DEFINE_bool("quick", False, "Half the config's epochs, one evaluation.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Runs trained at once, each in its own process.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which variants to run.")
+_POST_EVENT_STEPS = flags.DEFINE_integer(
+    "post_event_steps", 50, "K: the training steps after each growth event whose mean loss "
+    "the rules are compared on.")
 
 
 # ---------------------------------------------------------------------------- configs
@@ -85,8 +100,10 @@ def variant_config(base, variant: str, seed: int, uniform: tuple[int, int]):
   """The config of one run; `uniform` = (head_dim, mlp_dim) of static_uniform."""
   c = base.copy_and_resolve_references()
   c.seed = seed
+  c.log_every_steps = 1  # the loss of every step: post-event means, loss around the events
   if variant in GROWTH_RULES:
     c.growth.rule = variant
+    c.growth.measure_split = True
     return c
   c.growth.enabled = False
   if variant == "static_full":
@@ -219,6 +236,83 @@ def settings(base, seeds: int, jobs: int, wall_seconds: float) -> list[str]:
   ]
 
 
+# ---------------------------------------------------------------------------- evidence
+
+def study_measures(configs: dict, summaries: dict, event_steps: list[int], k: int) -> dict:
+  """evidence.run_measures of every finished run, by (variant, seed)."""
+  return {key: evidence.run_measures(
+              s, evidence.train_losses(configs[key][1]), event_steps, k,
+              report.config_flops(configs[key][0], s["architecture"]))
+          for key, s in summaries.items() if s is not None}
+
+
+def evidence_sections(configs: dict, summaries: dict, variants, event_steps: list[int], k: int,
+                      workdir: str) -> list[str]:
+  """The study's tables (markdown lines); draws its two figures into workdir."""
+  measures = study_measures(configs, summaries, event_steps, k)
+  events = range(1, len(event_steps) + 1)
+  rules = [v for v in GROWTH_RULES if v in variants]
+  per_event = lambda *names: [f"{n}/{i}" for n in names for i in events]
+  lines = ["", "## Per variant (mean ± 95% half-width over seeds)", ""]
+  lines += evidence.summary_table(measures, variants, ["top1", "test_loss", "params", "mflops"]
+                                  + per_event("post_event_loss"))
+  if rules:
+    lines += ["", "## The criterion: growth events in split mode, loss change per million added "
+              "parameters", "",
+              "split_predicted: the second-order prediction, sum of 1/2 eps^2 lambda over the "
+              "chosen units (on the probe); split_probe: measured on the probe; split_check: "
+              "measured on the held-aside check batch (the first test batch).", ""]
+    lines += evidence.summary_table(measures, rules, per_event("split_predicted", "split_probe",
+                                                               "split_check"))
+  pairs = [(v, "splitting") for v in rules[1:] + ["static_reduced"] if v in variants]
+  rows = evidence.comparisons(measures, pairs, ["top1", "test_loss"]
+                              + per_event("post_event_loss", "split_check"))
+  conventional = [(v, "static_uniform") for v in rules] if "static_uniform" in variants else []
+  conventional += [("static_full", "static_reduced")] if {"static_full", "static_reduced"} <= set(variants) else []
+  rows += evidence.comparisons(measures, conventional, ["top1", "test_loss"])
+  lines += ["", "## Paired differences (variant - reference, same seed; 95% t-interval)", ""]
+  lines += evidence.comparison_table(rows)
+  if rows:
+    plots.save(evidence.forest_figure(rows), os.path.join(workdir, "forest.png"))
+  curves = {v: [evidence.train_losses(configs[key][1]) for key in configs
+                if key[0] == v and summaries[key] is not None]
+            for v in rules + ["static_reduced"] if v in variants}
+  if event_steps and curves:
+    plots.save(evidence.loss_around_events_figure(curves, event_steps, before=k, after=2 * k),
+               os.path.join(workdir, "loss_around_events.png"))
+  lines += ["", "![training loss around the growth events](loss_around_events.png)", "",
+            "![paired differences](forest.png)"]
+  return lines
+
+
+def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
+              post_event_steps: int) -> tuple[str, int]:
+  """Trains what is missing of every (variant, seed) and writes the report (of the runs that
+  finished); returns its text and the number of failed runs."""
+  base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
+  info = input_pipeline.dataset_info(base.data)
+  uniform = (deit.uniform_widths(grown_size(base, info), base.model.variant,
+                                 **train.model_sizes(base, info))
+             if "static_uniform" in variants else None)
+  # Seed by seed: a replication stopped early has about as many seeds of every variant.
+  configs = {(v, s): (variant_config(base, v, s, uniform), run_dir(workdir, v, s))
+             for s in range(seeds) for v in variants}
+  start = time.perf_counter()
+  summaries = run_all(configs, jobs)
+  growth_config = base.copy_and_resolve_references()
+  growth_config.growth.enabled = True
+  event_steps = growth_event.event_steps(
+      growth_config, input_pipeline.steps_per_epoch(base.data, base.batch_size))
+  lines = ["# Replication", ""] + settings(base, seeds, jobs, time.perf_counter() - start)
+  lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).",
+            "", "## Final results", ""] + table(configs, summaries, variants)
+  lines += evidence_sections(configs, summaries, variants, event_steps, post_event_steps, workdir)
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "replication.md"), "w") as f:
+    f.write(text)
+  return text, sum(s is None for s in summaries.values())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -228,27 +322,12 @@ def main(argv):
   base = flags.FLAGS.config
   if _QUICK.value:
     base = quick(base)
-  workdir = _WORKDIR.value
-  base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
-  info = input_pipeline.dataset_info(base.data)
   variants = [v for v in VARIANTS if v in _VARIANTS.value]
-  uniform = (deit.uniform_widths(grown_size(base, info), base.model.variant,
-                                 **train.model_sizes(base, info))
-             if "static_uniform" in variants else None)
-  # Seed by seed: a replication stopped early has about as many seeds of every variant.
-  configs = {(v, s): (variant_config(base, v, s, uniform), run_dir(workdir, v, s))
-             for s in range(_SEEDS.value) for v in variants}
-  start = time.perf_counter()
-  summaries = run_all(configs, _JOBS.value)
-  lines = ["# Mini-replication", ""] + settings(base, _SEEDS.value, _JOBS.value,
-                                               time.perf_counter() - start)
-  lines += [""] + table(configs, summaries, variants)
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "replication.md"), "w") as f:
-    f.write(text)
+  text, failed = run_study(base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value,
+                           variants=variants, post_event_steps=_POST_EVENT_STEPS.value)
   print("\n" + text)
-  if any(s is None for s in summaries.values()):
-    sys.exit("some runs failed; their train.log says why")
+  if failed:
+    sys.exit(f"{failed} run(s) failed; their train.log says why")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ import os
 import pathlib
 import re
 
+from flax import traverse_util
 import jax
 import jax.extend.core
 import numpy as np
 import pytest
 
-from hetscale_jax import grow, plots, replicate, report, spec, train
+from hetscale_jax import checkpoint, evidence, grow, plots, replicate, report, spec
+from hetscale_jax.layers import GROWTH_COLLECTION
 from hetscale_jax.splitting import Spectrum
 
 from conftest import make_deit
@@ -28,19 +30,60 @@ def tiny_config():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Two tiny runs: one grown (one event: the spectrum's compilation dominates a tiny run),
-  trained as the replication trains its runs, and one static, by train.train_and_evaluate."""
-  root = tmp_path_factory.mktemp("runs")
-  grown, static = str(root / "grown"), str(root / "static")
+def study(tmp_path_factory):
+  """The replication study end to end at a tiny size: one seed of two rules and the static
+  reduced model, trained in worker processes as `python -m hetscale_jax.replicate` trains them
+  (one event: the spectrum's compilation dominates a tiny run). Returns its workdir."""
+  workdir = str(tmp_path_factory.mktemp("study"))
   config = tiny_config()
   config.growth.epochs = (1.0,)
-  replicate.train_one(config, grown)
-  config = tiny_config()
-  config.growth.enabled = False
-  config.seed = 1
-  train.train_and_evaluate(config, static)
-  return grown, static
+  config.checkpoint_every_steps = 1000  # checkpoints: the growth event's and the last step's
+  _, failed = replicate.run_study(config, workdir, seeds=1, jobs=1,
+                                  variants=["splitting", "random", "static_reduced"],
+                                  post_event_steps=5)
+  assert failed == 0
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(study):
+  """(a grown run, a static run) of the study."""
+  return (replicate.run_dir(study, "splitting", 0), replicate.run_dir(study, "static_reduced", 0))
+
+
+def test_study_pairs_the_variants_until_the_growth_event(study):
+  """Same initial parameters and batches: every variant's loss is the same at every step up to
+  the event (and the step after it: exact growth), and the rules' parameters at the event are
+  the same; they then grow different neurons, and the report shows the paired comparison and
+  both figures."""
+  dirs = {v: replicate.run_dir(study, v, 0) for v in ("splitting", "random", "static_reduced")}
+  (event_step,) = [e["step"] for e in _summary(dirs["splitting"])["growth_events"]]
+  losses = {v: evidence.train_losses(d) for v, d in dirs.items()}
+  assert set(range(1, event_step + 1)) <= set(losses["splitting"])
+  # Exact growth keeps the function: the step after the event still sees equal losses.
+  same = range(1, event_step + 2)
+  for v in ("random", "static_reduced"):
+    assert [losses[v][s] for s in same] == [losses["splitting"][s] for s in same], v
+  assert losses["random"][event_step + 2] != losses["splitting"][event_step + 2]
+
+  at_event = {v: checkpoint.read_step(dirs[v], event_step).variables for v in ("splitting", "random")}
+  base = {v: {k: x for k, x in traverse_util.flatten_dict(at_event[v]["params"], sep="/").items()
+              if not re.search(r"/units\d+_", k)} for v in at_event}
+  assert base["splitting"].keys() == base["random"].keys()
+  for name, value in base["splitting"].items():
+    np.testing.assert_array_equal(value, base["random"][name], err_msg=name)
+  neurons = {v: traverse_util.flatten_dict(at_event[v][GROWTH_COLLECTION], sep="/")
+             for v in at_event}
+  assert any(k not in neurons["random"] or not np.array_equal(n, neurons["random"][k])
+             for k, n in neurons["splitting"].items())
+
+  text = pathlib.Path(study, "replication.md").read_text()
+  assert "| top1 | random - splitting | 1 |" in text
+  for figure in ("forest.png", "loss_around_events.png"):
+    assert pathlib.Path(study, figure).read_bytes()[:8] == PNG_MAGIC
+
+
+NAMES = ("splitting/seed0", "static_reduced/seed0")  # report.run_names of the two runs
 
 
 def _summary(workdir):
@@ -60,14 +103,14 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
   text = out.read_text()
   grown, static = (_summary(w) for w in runs)
 
-  for name, s in zip(("grown", "static"), (grown, static)):
+  for name, s in zip(NAMES, (grown, static)):
     row = _table_row(text, name)
     assert row[2] == f"{s['eval']['top1']:.2%}" and row[3] == f"{s['eval']['top5']:.2%}"
     assert row[4] == f"{s['base_params']:,}" and row[5] == f"{s['params']:,}"
     assert row[7] == str(len(s["growth_events"]))
     assert row[8] == f"{s['wall_seconds'] / 60:.1f} min"
 
-  for name, s in zip(("grown", "static"), (grown, static)):
+  for name, s in zip(NAMES, (grown, static)):
     flops = report.forward_flops(s["architecture"], (8, 8, 1), tiny_config().model.patch_size)
     assert _table_row(text, name)[6] == f"{flops / 1e6:,.2f}"
 
@@ -78,10 +121,10 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
   assert grown["params"] > grown["base_params"]
 
   images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-  expected = {f"grown/plots/{n}" for n in [plots.TRAINING, plots.UNITS] + [
+  expected = {f"{NAMES[0]}/plots/{n}" for n in [plots.TRAINING, plots.UNITS] + [
       plots.eigenvalues_name(e["step"]) for e in grown["growth_events"]]}
-  expected.add(f"static/plots/{plots.TRAINING}")
-  assert {"/".join(pathlib.Path(i).parts[-3:]) for i in images} == expected
+  expected.add(f"{NAMES[1]}/plots/{plots.TRAINING}")
+  assert {"/".join(pathlib.Path(i).parts[-4:]) for i in images} == expected
   for image in images:
     with open(out.parent / image, "rb") as f:
       assert f.read(8) == PNG_MAGIC
