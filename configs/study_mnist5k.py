@@ -8,26 +8,15 @@ from hetscale_jax import config_lib
 
 
 def get_config():
-  c = config_lib.base_config("mnist5k")
-  c.model.variant = "Ti"
+  c = config_lib.small_config("mnist5k")
   c.model.patch_size = 7          # 28x28 -> 16 patches + class token
-  c.model.width = 64
-  c.model.depth = 4
-  c.model.num_heads = 4
   c.model.head_dim = 1            # bottleneck: full width would be 16 per head
   c.model.mlp_dim = 4             # bottleneck: full width would be 256
-  c.model.drop_path_rate = 0.0
-  c.batch_size = 64
   c.num_epochs = 15
-  c.optim.base_lr = 3e-2          # at batch 512: peak lr 3.75e-3 at batch 64
   c.optim.warmup_epochs = 1.0
-  c.mixup.prob = 0.0
 
-  c.growth.enabled = True
   c.growth.epochs = (3.0, 6.0)
   c.growth.budget_per_event = 2_000  # below every layer's cap in sum: the rules must choose
-  c.growth.max_layer_fraction = 0.5
-  c.growth.num_iters = 12
 
   c.log_every_steps = 10
   c.eval_every_epochs = 15.0

@@ -184,6 +184,26 @@ def check_against_devices(config, num_devices: int) -> None:
            f"takes an equal part of each batch")
 
 
+def small_config(dataset: str) -> ml_collections.ConfigDict:
+  """The shared recipe of the small configs that train on a CPU in minutes (configs/default.py,
+  configs/study_mnist5k.py): a DeiT-Ti of width 64, depth 4 and 4 heads, batch 64, no
+  drop-path or mixing (a few thousand small images), growth capped at half a layer per event.
+  Each config sets its patch size, bottleneck widths, schedule and growth events."""
+  c = base_config(dataset)
+  c.model.variant = "Ti"
+  c.model.width = 64
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.drop_path_rate = 0.0
+  c.batch_size = 64
+  c.optim.base_lr = 3e-2          # at batch 512: peak lr 3.75e-3 at batch 64
+  c.mixup.prob = 0.0              # a few thousand tiny images: mixing only slows learning here
+  c.growth.enabled = True
+  c.growth.max_layer_fraction = 0.5
+  c.growth.num_iters = 12
+  return c
+
+
 # The paper configs' bottleneck start: 3/4 of DeiT-S's head dimension and MLP width in every
 # block; growth adds units until the model has 90% of DeiT-S's parameters.
 PAPER_REDUCED = dict(head_dim=48, mlp_dim=1152)

@@ -213,20 +213,19 @@ def max_pixel(name: str) -> int:
   return EMBEDDED[name].max_pixel if name in EMBEDDED else 255
 
 
-def _pixel_statistics(name: str) -> tuple[int, np.ndarray, np.ndarray]:
-  """(max_pixel, mean, std): the largest pixel value, and the per-channel mean and std of the
-  pixels scaled to [0, 1] by it."""
+def _pixel_mean_std(name: str) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of the pixels scaled to [0, 1] by max_pixel."""
   if name in EMBEDDED:
     train = embedded_splits(name)["train"][0] / max_pixel(name)
-    return max_pixel(name), train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))
-  return max_pixel(name), np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    return train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))
+  return np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
 
 
 @functools.cache
 def _scale_and_offset(name: str) -> tuple[np.ndarray, np.ndarray]:
   """float32 per channel (scale, offset): pixel * scale + offset is the normalised pixel."""
-  max_pixel, mean, std = _pixel_statistics(name)
-  return (1.0 / (max_pixel * std)).astype(np.float32), (-mean / std).astype(np.float32)
+  mean, std = _pixel_mean_std(name)
+  return (1.0 / (max_pixel(name) * std)).astype(np.float32), (-mean / std).astype(np.float32)
 
 
 def normalize(images: jax.Array, dataset: str) -> jax.Array:

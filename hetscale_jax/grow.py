@@ -49,10 +49,16 @@ def _normalised_scores(spectrum: dict[str, Spectrum], rule: str) -> dict[str, np
   """
   scores = {}
   for path, s in spectrum.items():
-    value = s.start_rayleigh if rule == "first_order" else s.eigvals
-    value = np.asarray(value, np.float64) / float(s.input_scale)
+    value = _normalised_curvature(s, random_direction=rule == "first_order")
     scores[path] = -np.abs(value) if rule == "first_order" else value
   return scores
+
+
+def _normalised_curvature(s: Spectrum, random_direction: bool) -> np.ndarray:
+  """Per neuron, r^T S r / |r|^2 over the layer's mean |x~|^2: the smallest eigenvalue, or the
+  Rayleigh quotient of the random Lanczos start."""
+  value = s.start_rayleigh if random_direction else s.eigvals
+  return np.asarray(value, np.float64) / float(s.input_scale)
 
 
 def _greedy_fill(candidates, budget, costs, caps):
@@ -143,12 +149,10 @@ def predicted_split_change(plan: Plan, spectrum: dict[str, Spectrum],
   """The second-order loss change of growing `plan` in split mode: the sum over its units of
   1/2 |r|^2 r^T S r / |r|^2, i.e. 1/2 unit_scale^2 / input_scale times the neuron's smallest
   eigenvalue (or, for random directions, the Rayleigh quotient of its random start)."""
-  total = 0.0
-  for path, neurons in plan.indices.items():
-    s = spectrum[path]
-    values = s.start_rayleigh if plan.direction == "random" else s.eigvals
-    total += 0.5 * unit_scale**2 / float(s.input_scale) * float(np.sum(np.asarray(values)[neurons]))
-  return total
+  random_direction = plan.direction == "random"
+  return 0.5 * unit_scale**2 * sum(
+      float(np.sum(_normalised_curvature(spectrum[path], random_direction)[neurons]))
+      for path, neurons in plan.indices.items())
 
 
 def migrate_opt_state(tx, opt_state, new_params):

@@ -127,7 +127,6 @@ def grow_state(config, model, tx, state, probe: list, *, events_left: int, num_c
   return grown, Event(spectrum, plan, record)
 
 
-
 def describe(record: dict) -> str:
   """The event as printed: sizes and timings, then one line per scored layer."""
   lines = [f"growth at step {record['step']}: {record['params_before']:,} -> "

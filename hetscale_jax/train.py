@@ -190,11 +190,12 @@ def check_batch(config, mesh):
 
 
 def grow_and_recompile(config, model, tx, train_step, mesh, state, probe, events_left: int,
-                       num_classes: int):
-  """A growth event (growth_event.grow_state) and the train step compiled for its result."""
+                       num_classes: int, held_aside=None):
+  """A growth event (growth_event.grow_state; `held_aside`: its check_batch) and the train step
+  compiled for its result."""
   state, event = growth_event.grow_state(config, model, tx, state, probe, events_left=events_left,
                                          num_classes=num_classes, model_input=model_input(config),
-                                         check_batch=check_batch(config, mesh))
+                                         check_batch=held_aside)
   compiled = compile_train_step(train_step, mesh, state, probe[0])
   event.record["seconds_compile"] = compiled.seconds
   return jax.device_put(state, compiled.shardings), compiled, event
@@ -247,6 +248,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
       config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step), mesh)
   first = next(batches)
   batches = itertools.chain([first], batches)
+  held_aside = check_batch(config, mesh)  # None unless growth.measure_split
   compiled = compile_train_step(train_step, mesh, state, first)
   compiles = 1  # in this process: the restored (possibly grown) tree, then once per event
   writer = writers.create(workdir)
@@ -267,7 +269,8 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
         probe = list(itertools.islice(batches, config.growth.probe_batches))
         batches = itertools.chain(probe, batches)
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
-                                                    len(events) - events.index(step), info.num_classes)
+                                                    len(events) - events.index(step), info.num_classes,
+                                                    held_aside)
         compiles += 1
         num_params = event.record["params_after"]
         growth_log.append(event.record)
