@@ -12,13 +12,13 @@ def get_config():
   c.model.patch_size = 7          # 28x28 -> 16 patches + class token
   c.model.head_dim = 1            # bottleneck: full width would be 16 per head
   c.model.mlp_dim = 4             # bottleneck: full width would be 256
-  c.num_epochs = 15
+  c.num_epochs = 30
   c.optim.warmup_epochs = 1.0
 
   c.growth.epochs = (3.0, 6.0)
   c.growth.budget_per_event = 2_000  # below every layer's cap in sum: the rules must choose
 
   c.log_every_steps = 10
-  c.eval_every_epochs = 15.0
+  c.eval_every_epochs = 30.0
   c.checkpoint_every_steps = 500
   return c
