@@ -19,6 +19,6 @@ def get_config():
   c.growth.budget_per_event = 2_000  # below every layer's cap in sum: the rules must choose
 
   c.log_every_steps = 10
-  c.eval_every_epochs = 30.0
+  c.eval_every_epochs = float(c.num_epochs)  # once, at the end
   c.checkpoint_every_steps = 500
   return c
