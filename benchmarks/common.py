@@ -13,8 +13,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from hetscale_jax import datasets, grow, input_pipeline, sharding, spec, train
-from hetscale_jax.splitting import Spectrum
+from hetscale_jax import datasets, grow, input_pipeline, sharding, spec, splitting, train
 
 # Classes of the datasets whose files a benchmark machine may lack (digits ships inside).
 NUM_CLASSES = {"cifar100": 100, "imagenet100": 100}
@@ -86,18 +85,7 @@ class Trainer:
 def random_spectrum(variables, layer_kinds, seed: int) -> dict:
   """A Spectrum of the right shapes for every eligible layer; its values are random, which is
   all a benchmark of compute or compile time needs."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for path, layer in spec.from_variables(variables)["layers"].items():
-    if path.rsplit("/", 1)[-1] not in layer_kinds:
-      continue
-    d_out, d_in = layer["d_out"], layer["d_in"]
-    dirs = rng.normal(size=(d_out, d_in + 1)).astype(np.float32)
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    out[path] = Spectrum(eigvals=rng.normal(size=d_out).astype(np.float32), eigvecs=dirs,
-                         residuals=np.zeros(d_out, np.float32), input_scale=np.float32(1.0),
-                         start_dirs=dirs, start_rayleigh=rng.normal(size=d_out).astype(np.float32))
-  return out
+  return splitting.random_spectrum(variables, seed, lambda path: grow.layer_kind(path) in layer_kinds)
 
 
 def grow_state(trainer: Trainer, state, plan, spectrum):

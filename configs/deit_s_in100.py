@@ -1,13 +1,17 @@
-r"""DeiT-S on ImageNet-100 (the paper's main claim), grown from a bottleneck model.
+r"""DeiT-S on ImageNet-100 (the paper's main claim), grown from the released reduced DeiT-S.
 
-    python main.py --config configs/deit_s_in100.py              # grow by splitting eigenvalues
-    python main.py --config configs/deit_s_in100.py:random       # same budget, random neurons
-    python main.py --config configs/deit_s_in100.py:uniform      # same budget, equal share per layer
-    python main.py --config configs/deit_s_in100.py:first_order  # same budget, |dL/da| of a random r
+    python main.py --config configs/deit_s_in100.py                 # the paper's text
+    python main.py --config configs/deit_s_in100.py:authors         # the released mechanism
     python main.py --config configs/deit_s_in100.py:static_full     # conventional: DeiT-S
-    python main.py --config configs/deit_s_in100.py:static_uniform  # conventional: DeiT-S shrunk
-                                                    #   uniformly to the grown model's size
-    python main.py --config configs/deit_s_in100.py:static_reduced  # the bottleneck start, never grown
+
+VARIANT (config_lib.VARIANTS), every grown one from the same reduced start (6 heads of 32, MLP
+768: 11.07M params) to 19.4M params over 9 events after epochs 50, 80, ..., 290:
+  splitting      smallest splitting eigenvalue, gated units, one global ranking (paper's text)
+  authors        row_sum score, linear units, by_kind quotas (the authors' released code)
+  grad_norm      |dL/dq| of a linear unit, linear units
+  random, random_linear, uniform, first_order     baselines, same budget
+  static_full    DeiT-S; static_uniform: DeiT-S shrunk uniformly to 19.4M; static_reduced:
+                 the reduced start, never grown
 
 Needs the prepared ImageNet-100 (README: "Data"). Global batch 1024 over all devices.
 """
@@ -16,5 +20,4 @@ from hetscale_jax import config_lib
 
 
 def get_config(variant="splitting"):
-  return config_lib.paper_config(variant, "imagenet100", 100, 224, patch_size=16, num_epochs=300,
-                                 growth_epochs=(20.0, 40.0, 60.0, 80.0))
+  return config_lib.paper_config(variant, "imagenet100", 100, 224, patch_size=16)

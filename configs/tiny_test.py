@@ -22,6 +22,7 @@ def get_config():
   c.growth.epochs = (0.5, 1.0)
   c.growth.budget_per_event = 200
   c.growth.max_layer_fraction = 0.5
+  c.growth.min_candidates = 1
   c.growth.num_iters = 8
   c.log_every_steps = 10
   c.eval_every_epochs = 1.0

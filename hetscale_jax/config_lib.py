@@ -12,6 +12,7 @@ from hetscale_jax import datasets
 from hetscale_jax.models import deit
 
 DTYPES = ("float32", "bfloat16")
+BUDGET_WEIGHTS = ("equal", "lr")
 
 
 def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
@@ -54,15 +55,23 @@ def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   c.growth.budget_per_event = 0               # parameters added per event, or ...
   c.growth.target_params = 0                  # ... total parameters after the last event
   c.growth.layers = deit.GROWABLE_LAYERS      # eligible layer kinds
-  c.growth.rule = "splitting"                 # see grow.RULES
-  c.growth.mode = "exact"                     # "exact": a = 0; "split": a = 1 (grow.MODES)
-  c.growth.unit_scale = 1.0                   # |r . x~| of a new unit, relative to input scale
-  c.growth.threshold = 0.0                    # grow only normalised eigenvalues below this
+  c.growth.budget_weights = "equal"           # target's share per event: "equal", or "lr" (lr at
+                                              #   the event / peak lr, as released)
+  c.growth.rule = "splitting"                 # how neurons are scored (grow.RULES)
+  c.growth.unit = "gated"                     # what they get (grow.UNITS): "gated" (the paper's
+                                              #   text) or "linear" (the released code)
+  c.growth.allocation = "global"              # one ranking, or "by_kind" quotas (grow.ALLOCATIONS)
+  c.growth.min_candidates = 60                # by_kind: candidates a layer needs to qualify
+  c.growth.max_layers_per_kind = 3            # by_kind: layers of one kind grown per event
+  c.growth.mode = "exact"                     # gated units: "exact", a = 0; "split", |a| = 1
+  c.growth.unit_scale = 1.0                   # |r . x~| of a gated unit, relative to input scale
+  c.growth.threshold = 0.0                    # splitting, row_sum: grow only scores below this
   c.growth.max_layer_fraction = 0.25          # cap on a layer's neurons grown per event
   c.growth.probe_batches = 1                  # training batches the splitting matrices average
   c.growth.num_iters = splitting.DEFAULT_NUM_ITERS   # Lanczos iterations
   c.growth.method = "collected"               # or "streamed" (memory of one training step)
   c.growth.measure_split = False              # also measure the split-mode loss change (growth_event)
+  c.growth.split_check_scale = 0.1            # ... at this unit_scale, where 2nd order holds
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                             # devices over which params/opt state are sharded
@@ -152,9 +161,22 @@ def validate(config) -> None:
            g.budget_per_event, "set exactly one of growth.budget_per_event and growth.target_params")
   _require(len(g.layers) > 0 and set(g.layers) <= set(deit.GROWABLE_LAYERS), "growth.layers",
            g.layers, f"choose a non-empty subset of {deit.GROWABLE_LAYERS}")
+  _require(g.budget_weights in BUDGET_WEIGHTS, "growth.budget_weights", g.budget_weights,
+           f"choose one of {BUDGET_WEIGHTS}")
+  _require(g.budget_weights == "equal" or g.target_params > 0, "growth.budget_weights",
+           g.budget_weights, "weights share growth.target_params: set it, or use 'equal'")
   _require(g.rule in grow.RULES, "growth.rule", g.rule, f"choose one of {grow.RULES}")
+  _require(g.unit in grow.UNITS, "growth.unit", g.unit, f"choose one of {grow.UNITS}")
+  _require(g.allocation in grow.ALLOCATIONS, "growth.allocation", g.allocation,
+           f"choose one of {grow.ALLOCATIONS}")
+  _require(g.min_candidates >= 1, "growth.min_candidates", g.min_candidates, "must be >= 1")
+  _require(g.max_layers_per_kind >= 1, "growth.max_layers_per_kind", g.max_layers_per_kind,
+           "must be >= 1")
   _require(g.mode in grow.MODES, "growth.mode", g.mode, f"choose one of {grow.MODES}")
+  _require(g.mode == "exact" or g.unit == "gated", "growth.mode", g.mode,
+           "'split' needs growth.unit='gated' (linear units are exact only)")
   _require(g.unit_scale > 0, "growth.unit_scale", g.unit_scale, "must be > 0")
+  _require(g.split_check_scale > 0, "growth.split_check_scale", g.split_check_scale, "must be > 0")
   _require(0 < g.max_layer_fraction <= 1, "growth.max_layer_fraction", g.max_layer_fraction,
            "must be in (0, 1]")
   _require(g.probe_batches >= 1, "growth.probe_batches", g.probe_batches, "must be >= 1")
@@ -200,47 +222,81 @@ def small_config(dataset: str) -> ml_collections.ConfigDict:
   c.mixup.prob = 0.0              # a few thousand tiny images: mixing only slows learning here
   c.growth.enabled = True
   c.growth.max_layer_fraction = 0.5
+  c.growth.min_candidates = 1     # layers of a few dozen neurons: any candidate qualifies
   c.growth.num_iters = 12
   return c
 
 
-# The paper configs' bottleneck start: 3/4 of DeiT-S's head dimension and MLP width in every
-# block; growth adds units until the model has 90% of DeiT-S's parameters.
-PAPER_REDUCED = dict(head_dim=48, mlp_dim=1152)
-PAPER_TARGET_FRACTION = 0.9
-PAPER_VARIANTS = ("splitting", "random", "uniform", "first_order",
-                  "static_full", "static_uniform", "static_reduced")
+# The mechanisms and baselines that studies and the paper configs pick by name. A grown
+# variant sets the growth settings below on the config's reduced model; a static one trains a
+# model that never grows: the reduced start, the full widths, or conventional scaling
+# (head_dim and mlp_dim in the full model's ratio, sized like the grown models).
+GROWN_VARIANTS = {
+    "splitting": dict(rule="splitting", unit="gated", allocation="global"),   # the paper's text
+    "authors": dict(rule="row_sum", unit="linear", allocation="by_kind"),     # the released code
+    "grad_norm": dict(rule="grad_norm", unit="linear", allocation="global"),
+    "random": dict(rule="random", unit="gated", allocation="global"),
+    "random_linear": dict(rule="random", unit="linear", allocation="global"),
+    "uniform": dict(rule="uniform", unit="gated", allocation="global"),
+    "first_order": dict(rule="first_order", unit="gated", allocation="global"),
+}
+STATIC_VARIANTS = ("static_reduced", "static_full", "static_uniform")
+VARIANTS = tuple(GROWN_VARIANTS) + STATIC_VARIANTS
 
 
-def paper_config(variant, dataset, num_classes, img_size, *, patch_size, num_epochs, growth_epochs):
-  """The shared recipe of the paper configs; `variant` picks the growth rule or a baseline."""
-  if variant not in PAPER_VARIANTS:
-    raise ValueError(f"config variant {variant!r}: choose one of {PAPER_VARIANTS}")
+def grown_params(config, sizes: dict) -> int:
+  """Parameters of the config's grown model: growth.target_params, or the start plus every
+  event's budget. `sizes` as deit.param_count takes them (train.model_sizes)."""
+  g = config.growth
+  return g.target_params or (deit.param_count(config.model.variant, **sizes)
+                             + len(g.epochs) * g.budget_per_event)
+
+
+def apply_variant(config, variant: str, sizes: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` (reduced widths, growth enabled) run as `variant` (VARIANTS); `sizes`
+  are the config's model sizes as deit.param_count takes them (train.model_sizes)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"variant {variant!r}: choose one of {VARIANTS}")
+  c = config.copy_and_resolve_references()
+  if variant in GROWN_VARIANTS:
+    c.growth.update(GROWN_VARIANTS[variant])
+    return c
+  c.growth.enabled = False
+  if variant == "static_full":
+    c.model.head_dim, c.model.mlp_dim = None, None  # deit.create's defaults: the full widths
+  elif variant == "static_uniform":
+    c.model.head_dim, c.model.mlp_dim = deit.uniform_widths(
+        grown_params(config, sizes), config.model.variant, **sizes)
+  return c
+
+
+# The released code's reduced DeiT-S (q/k/v 192 wide, i.e. 6 heads of 32, MLP 768: 11.07M
+# parameters with 100 classes) and its schedule: 9 events, after epochs 50, 80, ..., 290 of
+# 300, each adding parameters in proportion to the learning rate, up to the 19.4M its README
+# reports.
+PAPER_REDUCED = dict(head_dim=32, mlp_dim=768)
+PAPER_TARGET_PARAMS = 19_400_000
+PAPER_GROWTH_EPOCHS = tuple(float(e) for e in range(50, 300, 30))
+
+
+def paper_config(variant, dataset, num_classes, img_size, *, patch_size):
+  """The shared recipe of the paper configs; `variant` (VARIANTS) picks the mechanism or a
+  baseline."""
   c = base_config(dataset)
   c.model.variant = "S"
   c.model.patch_size = patch_size
   c.model.drop_path_rate = 0.1
   c.batch_size = 1024
-  c.num_epochs = num_epochs
+  c.num_epochs = 300
   c.model.dtype = "bfloat16"
   c.log_every_steps = 100
   c.eval_every_epochs = 5.0
   c.checkpoint_every_steps = 2000
-
-  sizes = dict(num_classes=num_classes, img_size=img_size, patch_size=patch_size)
-  target = int(PAPER_TARGET_FRACTION * deit.param_count("S", **sizes))
-  if variant == "static_full":
-    return c
-  if variant == "static_uniform":
-    c.model.head_dim, c.model.mlp_dim = deit.uniform_widths(target, "S", **sizes)
-    return c
   c.model.head_dim, c.model.mlp_dim = PAPER_REDUCED["head_dim"], PAPER_REDUCED["mlp_dim"]
-  if variant == "static_reduced":
-    return c
   c.growth.enabled = True
-  c.growth.rule = variant
-  c.growth.epochs = growth_epochs
-  c.growth.target_params = target
+  c.growth.epochs = PAPER_GROWTH_EPOCHS
+  c.growth.target_params = PAPER_TARGET_PARAMS
+  c.growth.budget_weights = "lr"
   c.growth.probe_batches = 4
-  c.growth.method = "collected"
-  return c
+  sizes = dict(num_classes=num_classes, img_size=img_size, patch_size=patch_size, **PAPER_REDUCED)
+  return apply_variant(c, variant, sizes)

@@ -13,6 +13,8 @@ Measures of one run:
   post_event_loss/<i>      mean training loss of the K steps after growth event i (exact mode)
   split_check/<i>          event i grown in split mode on a copy instead: the loss change on the
                            held-aside check batch, per added parameter (growth_event.split_check)
+  units_off_top1,          the change in final test top-1 and loss when every unit is switched
+  units_off_loss           off (ablation): what the grown units carry
 """
 
 from matplotlib.figure import Figure
@@ -45,6 +47,10 @@ def run_measures(summary: dict, losses: dict[int, float], event_steps: list[int]
   out = {"top1": 100 * summary["eval"]["top1"], "test_loss": summary["eval"]["loss"],
          "params": float(summary["params"]),
          "mflops": float("nan") if flops is None else flops / 1e6}
+  if summary.get("unit_ablation"):  # None for a static run
+    intact, off = summary["unit_ablation"]["intact"], summary["unit_ablation"]["units_off"]
+    out["units_off_top1"] = 100 * (off["top1"] - intact["top1"])
+    out["units_off_loss"] = off["loss"] - intact["loss"]
   for i, step in enumerate(event_steps, 1):
     out[f"post_event_loss/{i}"] = post_event_loss(losses, step, k)
   for i, event in enumerate(summary["growth_events"], 1):

@@ -1,15 +1,25 @@
 """Public growth API: spectrum -> plan -> grown variables -> migrated optimizer state.
 
     spectrum = grow.splitting_spectrum(loss_fn, variables, batch, rng=key)
-    plan = grow.select(spectrum, budget=100_000, threshold=0.0)
+    plan = grow.select(spectrum, budget=100_000, threshold=0.0, rule="splitting", unit="gated")
     variables = grow.grow(variables, plan, spectrum, mode="exact")
     opt_state = grow.migrate_opt_state(tx, opt_state, variables["params"])
 
 Works on any linen model built from GrowableDense. Growing never resizes an existing array:
-each event adds a stage of units (docs/method.md, "The unit") to the chosen layers, so every existing
-parameter and its optimizer moments carry over unchanged.
+each event adds a stage of units (docs/method.md, "The unit") to the chosen layers, so every
+existing parameter and its optimizer moments carry over unchanged.
+
+Three independent choices make a mechanism (docs/method.md, "Selection"):
+  rule        how neurons are scored (RULES): the paper's text is "splitting", the authors'
+              released code "row_sum";
+  unit        what is added (layers.UNIT_KINDS): "gated" (the paper's text) or "linear" (the
+              released code);
+  allocation  how the budget is shared (ALLOCATIONS): "global" ranking, or "by_kind", equal
+              quotas per layer kind (the released code).
+Every rule works with every unit and allocation, on one code path.
 """
 
+import collections
 import dataclasses
 
 from flax import traverse_util
@@ -20,50 +30,108 @@ import numpy as np
 from hetscale_jax import layers
 from hetscale_jax.splitting import Spectrum, splitting_spectrum  # noqa: F401  (public API)
 
-RULES = ("splitting", "random", "uniform", "first_order")
+RULES = ("splitting", "splitting_abs", "row_sum", "grad_norm", "random", "uniform", "first_order")
+# The rules whose candidates are the neurons scoring below the threshold; the others rank all.
+THRESHOLD_RULES = ("splitting", "row_sum")
+UNITS = tuple(layers.UNIT_KINDS)
+ALLOCATIONS = ("global", "by_kind")
 MODES = ("exact", "split")
+# A linear unit starts at p+/- = +/-LINEAR_INIT [w_j, b_j], the neuron's own row, as released.
+LINEAR_INIT = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Which neurons of which layers get a unit at one growth event."""
   indices: dict[str, np.ndarray]  # layer path -> sorted neuron indices
-  direction: str                  # "eigvec": r along the eigenvector; "random": the scored random r
+  # Direction r of a gated unit: "eigvec" (smallest eigenvalue's), "extreme" (that of the
+  # eigenvalue of larger magnitude) or "random" (the scored random start).
+  direction: str
   rule: str
+  unit: str                       # layers.UNIT_KINDS
   num_params: int                 # parameters the plan adds
 
   def counts(self) -> dict[str, int]:
     return {p: len(i) for p, i in self.indices.items()}
 
 
-def unit_cost(spectrum: Spectrum) -> int:
-  """Parameters of one unit in this layer: r has d_in + 1 entries, a one."""
-  return spectrum.eigvecs.shape[-1] + 1
+def layer_kind(path: str) -> str:
+  """A layer's kind, for by_kind allocation: the last part of its path ("fc1" of
+  "blocks_0/mlp/fc1")."""
+  return path.rsplit("/", 1)[-1]
 
 
-def _normalised_scores(spectrum: dict[str, Spectrum], rule: str) -> dict[str, np.ndarray]:
-  """Per-neuron scores, lower is better, comparable across layers of different input scale.
+def spectrum_unit_cost(spectrum: Spectrum, unit: str) -> int:
+  """Parameters of one unit of kind `unit` on the layer of `spectrum`."""
+  return layers.unit_param_count(unit, spectrum.eigvecs.shape[-1] - 1)
 
-  S scales with |x~|^2, so dividing by the layer's mean |x~|^2 makes eigenvalues of layers
-  with small and large inputs comparable (a unit's r is scaled by the same factor in grow).
+
+def plan_params(indices: dict[str, np.ndarray], unit: str, spectrum: dict[str, Spectrum]) -> int:
+  """Parameters that units of kind `unit` on `indices` add."""
+  return sum(len(i) * spectrum_unit_cost(spectrum[p], unit) for p, i in indices.items())
+
+
+def curvature(s: Spectrum, direction: str) -> np.ndarray:
+  """Per neuron, r^T S r / |r|^2 over the layer's mean |x~|^2 for a gated unit's direction r
+  (Plan.direction): the loss change of a unit at gain 1 is 1/2 |r|^2 times this."""
+  if direction == "random":
+    value = np.asarray(s.start_rayleigh, np.float64)
+  else:
+    lo, hi = np.asarray(s.eigvals, np.float64), np.asarray(s.eigvals_max, np.float64)
+    value = lo if direction == "eigvec" else np.where(np.abs(hi) > np.abs(lo), hi, lo)
+  return value / float(s.input_scale)
+
+
+def linear_unit_slope(activation: str) -> float:
+  """1 + s'(0): a linear unit's output per unit of q.x~ at insertion."""
+  return 1.0 + float(jax.grad(layers.activation_fn(activation))(0.0))
+
+
+def scores(spectrum: dict[str, Spectrum], rule: str) -> dict[str, np.ndarray]:
+  """Per-neuron scores of `rule`, lower is better (random and uniform order by "splitting").
+
+  Curvatures are divided by the layer's mean |x~|^2, which S scales with, so that layers of
+  different input scale compare (a gated unit's r is scaled by the same factor in grow).
+  row_sum and grad_norm are the released code's and GradMax's raw gradients.
   """
-  scores = {}
+  out = {}
   for path, s in spectrum.items():
-    value = _normalised_curvature(s, random_direction=rule == "first_order")
-    scores[path] = -np.abs(value) if rule == "first_order" else value
-  return scores
+    g = np.asarray(s.gradient, np.float64)
+    if rule == "row_sum":       # min(0, sum_k dL/dW_jk): bias column excluded
+      out[path] = np.minimum(0.0, g[:, :-1].sum(axis=1))
+    elif rule == "grad_norm":   # |dL/dq| of a linear unit at insertion, largest first
+      out[path] = -linear_unit_slope(s.activation) * np.linalg.norm(g, axis=1)
+    elif rule == "first_order":  # |dL/da| of a gated unit along the random start
+      out[path] = -np.abs(curvature(s, "random"))
+    elif rule == "splitting_abs":
+      out[path] = -np.abs(curvature(s, "extreme"))
+    else:
+      out[path] = curvature(s, "eigvec")
+  return out
 
 
-def _normalised_curvature(s: Spectrum, random_direction: bool) -> np.ndarray:
-  """Per neuron, r^T S r / |r|^2 over the layer's mean |x~|^2: the smallest eigenvalue, or the
-  Rayleigh quotient of the random Lanczos start."""
-  value = s.start_rayleigh if random_direction else s.eigvals
-  return np.asarray(value, np.float64) / float(s.input_scale)
+def _ranked(score: dict[str, np.ndarray], costs: dict[str, int], rule: str, threshold: float,
+            rng) -> list[tuple[str, int]]:
+  """Every candidate (path, neuron) in the order the rule takes them."""
+  paths = sorted(score)
+  if rule == "uniform":
+    # Rounds over the layers, each giving its next best neuron: equal unit counts per layer
+    # for as long as budget and caps allow.
+    order = {p: np.argsort(score[p], kind="stable") for p in paths}
+    return [(p, int(order[p][k])) for k in range(max(map(len, order.values()), default=0))
+            for p in paths if k < len(order[p])]
+  candidates = [(p, j) for p in paths for j in range(len(score[p]))]
+  if rule == "random":
+    return [candidates[i] for i in np.random.default_rng(rng).permutation(len(candidates))]
+  if rule in THRESHOLD_RULES:
+    candidates = [(p, j) for p, j in candidates if score[p][j] < threshold]
+  order = np.argsort([score[p][j] / costs[p] for p, j in candidates], kind="stable")
+  return [candidates[i] for i in order]
 
 
-def _greedy_fill(candidates, budget, costs, caps):
+def _greedy_fill(candidates, budget, costs, caps) -> dict[str, list[int]]:
   """Takes (path, neuron) in order while each fits the remaining budget and its layer's cap."""
-  chosen = {p: [] for p in costs}
+  chosen = collections.defaultdict(list)
   remaining = budget
   for path, neuron in candidates:
     if costs[path] <= remaining and len(chosen[path]) < caps[path]:
@@ -72,86 +140,133 @@ def _greedy_fill(candidates, budget, costs, caps):
   return chosen
 
 
-def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *,
-           rule: str = "splitting", max_layer_fraction: float = 0.25,
-           rng: np.random.Generator | int | None = None) -> Plan:
-  """Chooses neurons to grow within `budget` parameters.
+def _first_layers_to_qualify(ranked, min_candidates: int, max_layers: int) -> set[str]:
+  """The layers whose min_candidates-th candidate comes first in the ranking, at most
+  max_layers of them."""
+  seen, qualified = collections.Counter(), []
+  for path, _ in ranked:
+    seen[path] += 1
+    if seen[path] == min_candidates:
+      qualified.append(path)
+      if len(qualified) == max_layers:
+        break
+  return set(qualified)
 
-  rule="splitting" (the paper): neurons whose normalised eigenvalue is below `threshold`,
-    most negative per parameter first.
+
+def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *,
+           rule: str = "splitting", unit: str = "gated", allocation: str = "global",
+           max_layer_fraction: float = 0.25, min_candidates: int = 1,
+           max_layers_per_kind: int = 3, rng: np.random.Generator | int | None = None) -> Plan:
+  """Chooses neurons to grow within `budget` parameters of units of kind `unit`.
+
+  rule="splitting" (the paper's text): neurons whose normalised smallest eigenvalue is below
+    `threshold`, most negative per parameter first.
+  rule="splitting_abs": the largest |eigenvalue|, either end, per parameter (for gated units
+    in exact mode, whose gain moves either way); the units use that eigenvalue's vector.
+  rule="row_sum" (the released code): min(0, sum_k dL/dW_jk) below `threshold`, most negative
+    per parameter first.
+  rule="grad_norm": the largest |dL/dq| of a linear unit at insertion, per parameter.
   rule="random": uniformly random neurons, no threshold.
   rule="uniform": rounds over the layers, each taking its next most negative neuron (no
-    threshold): equal unit counts per layer while budget and caps allow, no choice of where.
+    threshold): equal unit counts per layer while budget and caps allow.
   rule="first_order": largest |dL/da| for a random r (the Rayleigh quotient at the random
     Lanczos start), no threshold; the units then use that random r.
+
+  allocation="global": one ranking over every layer spends the budget. allocation="by_kind":
+  the budget is split into equal quotas per layer kind (layer_kind); within a kind, the first
+  max_layers_per_kind layers to have min_candidates candidates in the ranking share its quota.
   Every rule takes at most max_layer_fraction of one layer's neurons per event.
   """
   if rule not in RULES:
     raise ValueError(f"rule={rule!r}: choose one of {RULES}")
+  if unit not in UNITS:
+    raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
+  if allocation not in ALLOCATIONS:
+    raise ValueError(f"allocation={allocation!r}: choose one of {ALLOCATIONS}")
   if budget < 0:
     raise ValueError(f"budget={budget}: must be >= 0 parameters")
   if not 0.0 < max_layer_fraction <= 1.0:
     raise ValueError(f"max_layer_fraction={max_layer_fraction}: must be in (0, 1]")
-  costs = {p: unit_cost(s) for p, s in spectrum.items()}
+  if min_candidates < 1 or max_layers_per_kind < 1:
+    raise ValueError(f"min_candidates={min_candidates}, max_layers_per_kind="
+                     f"{max_layers_per_kind}: both must be >= 1")
+  costs = {p: spectrum_unit_cost(s, unit) for p, s in spectrum.items()}
   caps = {p: int(max_layer_fraction * s.eigvals.shape[0]) for p, s in spectrum.items()}
-  scores = _normalised_scores(spectrum, rule)
-  paths = sorted(spectrum)
-
-  if rule == "uniform":
-    # Rounds over the layers, each giving its next most negative neuron: equal unit counts
-    # per layer for as long as budget and caps allow.
-    ranked = {p: np.argsort(scores[p], kind="stable") for p in paths}
-    ordered = [(p, ranked[p][k]) for k in range(max(map(len, ranked.values()), default=0))
-               for p in paths if k < len(ranked[p])]
+  ranked = _ranked(scores(spectrum, rule), costs, rule, threshold, rng)
+  if allocation == "global":
+    chosen = _greedy_fill(ranked, budget, costs, caps)
   else:
-    candidates = [(p, j) for p in paths for j in range(len(scores[p]))]
-    if rule == "random":
-      order = np.random.default_rng(rng).permutation(len(candidates))
-    else:
-      if rule == "splitting":
-        candidates = [(p, j) for p, j in candidates if scores[p][j] < threshold]
-      order = np.argsort([scores[p][j] / costs[p] for p, j in candidates], kind="stable")
-    ordered = [candidates[i] for i in order]
-  chosen = _greedy_fill(ordered, budget, costs, caps)
+    kinds = sorted({layer_kind(p) for p in spectrum})
+    chosen = {}
+    for kind in kinds:
+      mine = [(p, j) for p, j in ranked if layer_kind(p) == kind]
+      eligible = _first_layers_to_qualify(mine, min_candidates, max_layers_per_kind)
+      chosen.update(_greedy_fill([(p, j) for p, j in mine if p in eligible],
+                                 budget // len(kinds), costs, caps))
+  indices = {p: np.sort(np.asarray(chosen[p], np.int32)) for p in sorted(chosen) if chosen[p]}
+  direction = {"first_order": "random", "splitting_abs": "extreme"}.get(rule, "eigvec")
+  return Plan(indices=indices, direction=direction, rule=rule, unit=unit,
+              num_params=plan_params(indices, unit, spectrum))
 
-  indices = {p: np.sort(np.asarray(chosen[p], np.int32)) for p in paths if chosen[p]}
-  return Plan(indices=indices, direction="random" if rule == "first_order" else "eigvec",
-              rule=rule, num_params=sum(len(i) * costs[p] for p, i in indices.items()))
+
+def _gated_stage(s: Spectrum, neurons, direction: str, mode: str, unit_scale: float, dtype):
+  """r = unit_scale * v / sqrt(mean |x~|^2) along the plan's direction; a = 0 (exact) or,
+  in split mode, the sign that takes the loss downhill, -sign(r^T S r)."""
+  if direction == "random":
+    vectors = np.asarray(s.start_dirs)
+  else:
+    vectors = np.asarray(s.eigvecs)
+    if direction == "extreme":
+      larger = np.abs(np.asarray(s.eigvals_max)) > np.abs(np.asarray(s.eigvals))
+      vectors = np.where(larger[:, None], np.asarray(s.eigvecs_max), vectors)
+  r = jnp.asarray(vectors[neurons] * (unit_scale / np.sqrt(float(s.input_scale))), dtype)
+  gain = -np.sign(curvature(s, direction)[neurons]) if mode == "split" else np.zeros(len(neurons))
+  return {"r": r, "a": jnp.asarray(gain, dtype)}
+
+
+def _linear_stage(kernel, bias, neurons):
+  """p+/- = +/-LINEAR_INIT [w_j, b_j]: the unit's q = p+ + p- = 0, the function unchanged."""
+  row = jnp.concatenate([kernel[:, neurons].T[None], bias[neurons][None, :, None]], axis=-1)
+  p = jnp.concatenate([LINEAR_INIT * row, -LINEAR_INIT * row])
+  return {"w": p[..., :-1], "b": p[..., -1]}
 
 
 def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exact",
          unit_scale: float = 1.0):
-  """New variables with one stage of units on the plan's neurons (pure function).
+  """New variables with one stage of units of kind plan.unit on the plan's neurons (pure).
 
-  Each unit gets r = unit_scale * v / sqrt(mean |x~|^2), with v the neuron's eigenvector (or
-  its scored random direction), so |r . x~| is about unit_scale whatever the layer's input
-  scale. mode="exact": a = 0, the function is unchanged and dL/da = 1/2 |r|^2 lambda.
-  mode="split": a = 1, the splitting step; the loss moves by about 1/2 |r|^2 lambda per unit.
+  Gated units get r = unit_scale * v / sqrt(mean |x~|^2), with v the plan's direction, so
+  |r . x~| is about unit_scale whatever the layer's input scale. mode="exact": a = 0, the
+  function is unchanged and dL/da = 1/2 |r|^2 r^T S r / |r|^2. mode="split": |a| = 1 with
+  the sign that lowers the loss, the splitting step; the loss moves by about -1/2 |r^T S r|
+  per unit. Linear units are exact only: p+/- = +/-LINEAR_INIT [w_j, b_j].
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-  kernels = traverse_util.flatten_dict(variables["params"], sep="/")
+  if mode == "split" and plan.unit != "gated":
+    raise ValueError(f"mode='split' needs gated units; the plan's are {plan.unit!r}")
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
   stages = {}
   for path, neurons in plan.indices.items():
-    if f"{path}/kernel" not in kernels:
+    if f"{path}/kernel" not in params:
       raise KeyError(f"plan names layer {path!r}, which is not in the params")
-    dtype = kernels[f"{path}/kernel"].dtype
-    s = spectrum[path]
-    directions = s.start_dirs if plan.direction == "random" else s.eigvecs
-    r = (jnp.asarray(directions)[neurons] * (unit_scale / jnp.sqrt(s.input_scale))).astype(dtype)
-    a = jnp.full((len(neurons),), 1.0 if mode == "split" else 0.0, dtype)
-    stages[path] = (r, a, jnp.asarray(neurons, jnp.int32))
+    kernel, bias = params[f"{path}/kernel"], params[f"{path}/bias"]
+    if plan.unit == "gated":
+      unit_params = _gated_stage(spectrum[path], neurons, plan.direction, mode, unit_scale,
+                                 kernel.dtype)
+    else:
+      unit_params = _linear_stage(kernel, bias, neurons)
+    stages[path] = layers.UnitStage(plan.unit, jnp.asarray(neurons, jnp.int32), unit_params)
   return layers.add_unit_stages(variables, stages)
 
 
 def predicted_split_change(plan: Plan, spectrum: dict[str, Spectrum],
                            unit_scale: float = 1.0) -> float:
-  """The second-order loss change of growing `plan` in split mode: the sum over its units of
-  1/2 |r|^2 r^T S r / |r|^2, i.e. 1/2 unit_scale^2 / input_scale times the neuron's smallest
-  eigenvalue (or, for random directions, the Rayleigh quotient of its random start)."""
-  random_direction = plan.direction == "random"
-  return 0.5 * unit_scale**2 * sum(
-      float(np.sum(_normalised_curvature(spectrum[path], random_direction)[neurons]))
+  """The second-order loss change of growing `plan` as gated units in split mode: the sum over
+  its units of -1/2 |r|^2 |r^T S r| / |r|^2, i.e. -1/2 unit_scale^2 |curvature| (each unit's
+  gain takes the loss downhill)."""
+  return -0.5 * unit_scale**2 * sum(
+      float(np.sum(np.abs(curvature(spectrum[path], plan.direction)[neurons])))
       for path, neurons in plan.indices.items())
 
 

@@ -1,8 +1,9 @@
 """One growth event of a training run: spectrum, plan, grown variables, migrated optimizer.
 
     steps = event_steps(config, steps_per_epoch)
-    state, event = grow_state(config, model, tx, state, probe, events_left=2, num_classes=10,
-                              model_input=...)
+    weights = budget_weights(config.growth, [lr_schedule(s) / peak_lr for s in steps])
+    state, event = grow_state(config, model, tx, state, probe, weights_left=weights[i:],
+                              num_classes=10, model_input=...)
     print(describe(event.record))
 
 The probe is the next training batches (no extra data), scored with the deterministic
@@ -11,10 +12,11 @@ operator (docs/method.md, "Training recipe and schedule"). Only the layer kinds 
 config.growth.layers are scored at all. The caller recompiles the train step for the grown
 tree and adds the compile time to the record.
 
-With a `check_batch`, the event also measures the criterion itself: the chosen units grown in
-split mode (a = 1) instead, on a copy, change the loss by about 1/2 |r|^2 lambda each
-(docs/method.md, "The unit"); the record keeps that prediction and the measured change on the
-probe and on the check batch, each per added parameter.
+With a `check_batch`, the event also measures the criterion itself: the chosen neurons grown
+with gated units in split mode instead (|a| = 1, downhill), on a copy and at the small
+growth.split_check_scale where the second-order prediction holds, change the loss by about
+-1/2 |r^T S r| each (docs/method.md, "The unit"); the record keeps that prediction and the
+measured change on the probe and on the check batch, each per added parameter.
 """
 
 from collections.abc import Callable
@@ -43,12 +45,22 @@ def event_steps(config, steps_per_epoch: int) -> list[int]:
   return [int(round(e * steps_per_epoch)) for e in config.growth.epochs]
 
 
-def event_budget(growth_config, current_params: int, events_left: int) -> int:
-  """Parameters this event may add: the fixed budget, or an equal share of what is left to
-  the target over the events left."""
+def budget_weights(growth_config, relative_lrs: list[float]) -> list[float]:
+  """Each event's weight in sharing the parameters left to the target: equal, or ("lr", as
+  released) its relative_lrs entry, the learning rate at its step over the peak one."""
+  if growth_config.budget_weights == "lr":
+    return list(relative_lrs)
+  return [1.0] * len(relative_lrs)
+
+
+def event_budget(growth_config, current_params: int, weights_left: list[float]) -> int:
+  """Parameters this event may add: the fixed budget, or its weight's share of what is left to
+  the target (weights_left: this event's weight, then those of the events after it), so that
+  the last event ends at the target."""
   if growth_config.budget_per_event > 0:
     return growth_config.budget_per_event
-  return max(growth_config.target_params - current_params, 0) // events_left
+  left = max(growth_config.target_params - current_params, 0)
+  return int(left * weights_left[0] / sum(weights_left))
 
 
 def eigenvalue_summary(spectrum) -> dict:
@@ -81,20 +93,23 @@ def eligible(layer_kinds: tuple[str, ...]) -> Callable[[str], bool]:
 
 def split_check(loss_fn, variables, spectrum, plan: grow.Plan, unit_scale: float,
                 batches: dict[str, list]) -> dict:
-  """Per added parameter: the predicted loss change of growing `plan` in split mode and the
-  measured one on each named list of batches (their mean loss)."""
-  split = grow.grow(variables, plan, spectrum, mode="split", unit_scale=unit_scale)
+  """Per added parameter: the predicted loss change of growing the plan's neurons as gated
+  units in split mode and the measured one on each named list of batches (their mean loss)."""
+  gated = dataclasses.replace(plan, unit="gated",
+                              num_params=grow.plan_params(plan.indices, "gated", spectrum))
+  split = grow.grow(variables, gated, spectrum, mode="split", unit_scale=unit_scale)
   mean_loss = lambda v, batch_list: np.mean([float(loss_fn(v, b)) for b in batch_list])
-  per_param = max(plan.num_params, 1)
+  per_param = max(gated.num_params, 1)
   out = {"predicted": grow.predicted_split_change(plan, spectrum, unit_scale) / per_param}
   for name, batch_list in batches.items():
     out[name] = (mean_loss(split, batch_list) - mean_loss(variables, batch_list)) / per_param
   return out
 
 
-def grow_state(config, model, tx, state, probe: list, *, events_left: int, num_classes: int,
-               model_input: Callable, check_batch=None):
-  """`state` grown at its step by config.growth, scored on the `probe` batches.
+def grow_state(config, model, tx, state, probe: list, *, weights_left: list[float],
+               num_classes: int, model_input: Callable, check_batch=None):
+  """`state` grown at its step by config.growth, scored on the `probe` batches; weights_left
+  as event_budget takes them.
 
   Returns (grown state, Event). The state is any flax struct with step, params, growth and
   opt_state fields (train.TrainState).
@@ -111,14 +126,16 @@ def grow_state(config, model, tx, state, probe: list, *, events_left: int, num_c
       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step), method=g.method,
       layer_filter=eligible(tuple(g.layers)))
   spectrum = sharding.host_value(spectrum)
-  plan = grow.select(spectrum, event_budget(g, before, events_left), g.threshold, rule=g.rule,
-                     max_layer_fraction=g.max_layer_fraction, rng=config.seed + step)
+  plan = grow.select(spectrum, event_budget(g, before, weights_left), g.threshold, rule=g.rule,
+                     unit=g.unit, allocation=g.allocation, max_layer_fraction=g.max_layer_fraction,
+                     min_candidates=g.min_candidates, max_layers_per_kind=g.max_layers_per_kind,
+                     rng=config.seed + step)
   record = {"step": step, "params_before": before, "plan_params": plan.num_params,
-            "grown": plan.counts(), "rule": plan.rule,
+            "grown": plan.counts(), "rule": plan.rule, "unit": plan.unit,
             "seconds_spectrum": time.perf_counter() - start,
             "eigenvalues": eigenvalue_summary(spectrum)}
   if check_batch is not None:
-    record["split_check"] = split_check(loss_fn, variables, spectrum, plan, g.unit_scale,
+    record["split_check"] = split_check(loss_fn, variables, spectrum, plan, g.split_check_scale,
                                         {"probe": probe, "check": [check_batch]})
   variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale)
   grown = state.replace(params=variables["params"], growth=variables[GROWTH_COLLECTION],
@@ -131,7 +148,7 @@ def describe(record: dict) -> str:
   """The event as printed: sizes and timings, then one line per scored layer."""
   lines = [f"growth at step {record['step']}: {record['params_before']:,} -> "
            f"{record['params_after']:,} params (+{record['params_after'] - record['params_before']:,}"
-           f", rule {record['rule']}); spectrum {record['seconds_spectrum']:.1f}s, recompile "
+           f", rule {record['rule']}, {record['unit']} units); spectrum {record['seconds_spectrum']:.1f}s, recompile "
            f"{record['seconds_compile']:.1f}s"]
   lines.append(f"  {'layer':<22}{'grown':>7}{'min lambda':>12}{'median':>11}{'neg':>6}")
   for path, e in record["eigenvalues"].items():

@@ -1,22 +1,24 @@
-"""The smallest eigenpair of many symmetric matrices at once, from matrix-vector products alone.
+"""The extreme eigenpairs of many symmetric matrices at once, from matrix-vector products alone.
 
-`lanczos_smallest(hvp, start, rng, num_iters)` runs one Krylov sequence per matrix. The
+`lanczos_extremes(hvp, start, rng, num_iters)` runs one Krylov sequence per matrix. The
 matrices are given only through `hvp`, a function {entry: V [..., n]} -> {entry: S V}: every
 entry of the dict holds one n x n matrix per index of its leading dims (a layer's neurons, or
 layers x neurons), all advancing together as the rows of one array, and entries may differ in
 n. Each sequence is fully re-orthogonalised, restarts with a random direction where it breaks
-down (an invariant subspace was found), and ends in the smallest Ritz pair of its tridiagonal
-matrix, with its residual |S v - theta v| from the recurrence rather than another product.
+down (an invariant subspace was found), and ends in the smallest and the largest Ritz pair of
+its tridiagonal matrix (the ends of the spectrum converge first, together), the smallest with
+its residual |S v - theta v| from the recurrence rather than another product.
 Everything runs in the dtype of the start vectors. See docs/method.md, "Lanczos".
 
 No LAPACK: jaxlib's CPU eigh spreads a batch over the intra-op thread pool and blocks a pool
 thread waiting for it, which can deadlock when called inside these loops. The tridiagonal step
-(`tridiagonal_smallest_pair`) is written in plain XLA ops instead.
+(`tridiagonal_smallest_pair`, applied to T and to -T) is written in plain XLA ops instead.
 
 Nothing here knows about networks: the caller supplies the products.
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,16 @@ import numpy as np
 
 # {entry: V [..., n]} -> {entry: S V}, one n x n matrix per index of an entry's leading dims.
 Products = Callable[[dict], dict]
+
+
+class RitzPairs(NamedTuple):
+  """What lanczos_extremes returns for one entry; [...] are the entry's leading dims."""
+  eigvals: jax.Array         # [...] smallest Ritz value
+  eigvecs: jax.Array         # [..., n] its unit Ritz vector
+  residuals: jax.Array       # [...] |S v - theta v| of that pair
+  start_rayleigh: jax.Array  # [...] v0^T S v0 of the unit start vector
+  eigvals_max: jax.Array     # [...] largest Ritz value
+  eigvecs_max: jax.Array     # [..., n] its unit Ritz vector
 
 
 def random_unit_rows(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -61,14 +73,13 @@ def _restart(nxt, broke, key, basis, count):
   return jnp.where(broke[..., None], fresh, nxt)
 
 
-def lanczos_smallest(hvp: Products, start: dict, rng: jax.Array, num_iters: int) -> dict:
-  """Smallest eigenpair of every matrix, given hvp: {p: V [..., n]} -> {p: S V}.
+def lanczos_extremes(hvp: Products, start: dict, rng: jax.Array, num_iters: int) -> dict:
+  """Smallest and largest eigenpair of every matrix, given hvp: {p: V [..., n]} -> {p: S V}.
 
   start[p] [..., n]: unit start vectors, whose dtype every step of entry p keeps; rng draws
   the random vectors that continue a sequence where it breaks down. An entry with
   n < num_iters has a complete basis after n vectors; only those enter its Ritz values.
-  Returns {p: (eigvals [...], eigvecs [..., n], residuals [...], start Rayleigh quotients
-  [...])}.
+  Returns {p: RitzPairs}.
   """
   dims = {p: v.shape[-1] for p, v in start.items()}
   iters = {p: min(num_iters, n) for p, n in dims.items()}
@@ -125,14 +136,19 @@ def lanczos_smallest(hvp: Products, start: dict, rng: jax.Array, num_iters: int)
   out = {}
   for p in start:
     k = iters[p]
-    theta, y = tridiagonal_smallest_pair(jnp.moveaxis(alphas[p][:k], 0, -1),
-                                         jnp.moveaxis(betas[p][:k - 1], 0, -1))
-    vec = jnp.einsum("...k,k...n->...n", y, basis[p][:k])
+    a, b = jnp.moveaxis(alphas[p][:k], 0, -1), jnp.moveaxis(betas[p][:k - 1], 0, -1)
+    ritz_vector = lambda y, p=p, k=k: jnp.einsum("...k,k...n->...n", y, basis[p][:k])
+    theta, y = tridiagonal_smallest_pair(a, b)
+    vec = ritz_vector(y)
     norm = jnp.linalg.norm(vec, axis=-1)
     # S Q = Q T + beta_k q_{k+1} e_k^T, so |S v - theta v| = |beta_k y_k| for v = Q y: the
     # residual without another product.
     residual = jnp.abs(betas[p][k - 1] * y[..., k - 1]) / norm
-    out[p] = (theta, vec / norm[..., None], residual, alphas[p][0])
+    # -T has the eigenvectors of T and its eigenvalues negated: its smallest is T's largest.
+    neg_theta_max, y_max = tridiagonal_smallest_pair(-a, -b)
+    vec_max = ritz_vector(y_max)
+    out[p] = RitzPairs(theta, vec / norm[..., None], residual, alphas[p][0], -neg_theta_max,
+                       vec_max / jnp.linalg.norm(vec_max, axis=-1, keepdims=True))
   return out
 
 

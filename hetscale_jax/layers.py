@@ -1,25 +1,32 @@
 """GrowableDense: a linear layer that carries skip-connected units (docs/method.md, "The unit").
 
-A unit on neuron j replaces the neuron's output z_j by
+Two kinds of unit, on neuron j with output z_j (earlier units included) and x~ = [x, 1]:
 
-    y_j = z_j + a * (1/2 s(z_j + r.x~) + 1/2 s(z_j - r.x~) - s(z_j)),   x~ = [x, 1].
+    gated:   y_j = z_j + a * (1/2 s(z_j + r.x~) + 1/2 s(z_j - r.x~) - s(z_j))
+    linear:  y_j = z_j + s(q.x~) - s(0) + q.x~,   q = p+ + p-
 
-The layer reads its units from the variables it is given, so a model built from
-GrowableDense never changes its code when it grows:
+The gated unit is the paper's text: exact at a = 0, where dL/da is second order in r. The
+linear unit is the authors' released one: exact at p+ = -p-, and its gradient at insertion is
+first order, (1 + s'(0)) dL/dz_j x~. The layer reads its units from the variables it is given,
+so a model built from GrowableDense never changes its code when it grows:
 
-    params/<layer>/units{k}_r      [n_k, d_in + 1]   direction of each unit of stage k
-    params/<layer>/units{k}_a      [n_k]             output gain of each unit
-    growth/<layer>/units{k}_index  [n_k] int32       neuron each unit sits on
+    gated   params/<layer>/units{k}_r   [n_k, d_in + 1]   direction of each unit of stage k
+            params/<layer>/units{k}_a   [n_k]             output gain of each unit
+    linear  params/<layer>/units{k}_w   [2, n_k, d_in]    p+ and p-, weights
+            params/<layer>/units{k}_b   [2, n_k]          p+ and p-, offsets
+    both    growth/<layer>/units{k}_index  [n_k] int32    neuron each unit sits on
 
-Stage k holds the units added by one growth event (a neuron appears at most once per stage);
-stages are applied in order, so a neuron grown twice gets its second unit on top of the
-output of its first. This module owns the unit variables' names and their stage layout
-(`num_stages`, `add_unit_stages`); it knows nothing about how units are chosen.
+Stage k holds the units added by one growth event (a neuron appears at most once per stage),
+all of one kind; stages are applied in order, so a neuron grown twice gets its second unit on
+top of the output of its first. This module owns the unit variables' names, shapes and
+parameter counts and their stage layout (`num_stages`, `add_unit_stages`); it knows nothing
+about how units are chosen.
 """
 
 from collections.abc import Callable, Mapping
 import functools
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 from flax import traverse_util
 import flax.linen as nn
@@ -38,48 +45,107 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 GROWTH_COLLECTION = "growth"
-_R, _A, _INDEX = "units{}_r", "units{}_a", "units{}_index"
+# Intermediates collection where every grown layer sows its units' mean |contribution| per
+# neuron (hetscale_jax.ablation); nothing is computed unless it is asked for as mutable.
+CONTRIBUTION = ("intermediates", "unit_contribution")
+# The parameter fields of each unit kind, in the order unit_param_names gives them; the first
+# is decayed like a kernel.
+UNIT_KINDS = {"gated": ("r", "a"), "linear": ("w", "b")}
+_PARAM, _INDEX = "units{}_{}", "units{}_index"
 
 
-def unit_param_names(stage: int) -> tuple[str, str, str]:
-  """Names of stage `stage`'s direction and gain (in params) and index (in growth)."""
-  return _R.format(stage), _A.format(stage), _INDEX.format(stage)
+def _check_kind(kind: str):
+  if kind not in UNIT_KINDS:
+    raise ValueError(f"unknown unit kind {kind!r}; choose one of {sorted(UNIT_KINDS)}")
+
+
+def unit_param_names(stage: int, kind: str = "gated") -> tuple[str, ...]:
+  """Names of stage `stage`'s unit parameters (in params) and index (in growth): ("units0_r",
+  "units0_a", "units0_index") for gated units, ("units0_w", "units0_b", "units0_index") for
+  linear ones."""
+  _check_kind(kind)
+  return tuple(_PARAM.format(stage, f) for f in UNIT_KINDS[kind]) + (_INDEX.format(stage),)
+
+
+def unit_shapes(kind: str, num_units: int, d_in: int) -> dict[str, tuple[int, ...]]:
+  """{field: shape} of a stage of `num_units` units of `kind` on a layer with d_in inputs."""
+  _check_kind(kind)
+  if kind == "gated":
+    return {"r": (num_units, d_in + 1), "a": (num_units,)}
+  return {"w": (2, num_units, d_in), "b": (2, num_units)}
+
+
+def unit_param_count(kind: str, d_in: int) -> int:
+  """Parameters of one unit: d_in + 2 for gated (r and a), 2 (d_in + 1) for linear (p+, p-)."""
+  return sum(math.prod(shape) for shape in unit_shapes(kind, 1, d_in).values())
+
+
+def _stage_of(name: str) -> int | None:
+  """k of a unit parameter name "units{k}_<field>", else None."""
+  prefix = _PARAM.split("{}")[0]
+  digits = name[len(prefix):].split("_", 1)[0]
+  return int(digits) if name.startswith(prefix) and digits.isdigit() else None
 
 
 def is_unit_direction(name: str) -> bool:
-  """Whether a parameter name is a unit direction r of some stage (decayed like a kernel)."""
-  prefix, suffix = _R.split("{}")
-  stage = name[len(prefix):-len(suffix)]
-  return name.startswith(prefix) and name.endswith(suffix) and stage.isdigit()
+  """Whether a parameter name is a unit's weights (r, or the w of p+/p-) of some stage: decayed
+  like a kernel. Gains and the linear unit's offsets are not, like biases."""
+  stage = _stage_of(name)
+  return stage is not None and name in {unit_param_names(stage, k)[0] for k in UNIT_KINDS}
+
+
+def stage_kind(params: Mapping[str, Any], stage: int, path: str | None = None) -> str | None:
+  """The kind of stage `stage`'s units, None if the layer has no such stage: `params` keyed by
+  the layer's parameter names, or, with `path`, a flattened tree keyed "path/name"."""
+  key = (lambda name: name) if path is None else (lambda name: f"{path}/{name}")
+  for kind in UNIT_KINDS:
+    if key(unit_param_names(stage, kind)[0]) in params:
+      return kind
+  return None
 
 
 def num_stages(params: Mapping[str, Any], path: str | None = None) -> int:
-  """How many unit stages a layer holds: `params` keyed by the layer's parameter names, or,
-  with `path`, a flattened tree keyed "path/name" ("blocks_0/attn/qkv/units0_r")."""
-  key = (lambda name: name) if path is None else (lambda name: f"{path}/{name}")
+  """How many unit stages a layer holds (`params` as for stage_kind)."""
   k = 0
-  while key(unit_param_names(k)[0]) in params:
+  while stage_kind(params, k, path) is not None:
     k += 1
   return k
 
 
-def add_unit_stages(variables, stages: Mapping[str, tuple[Any, Any, Any]]):
-  """New variables with one more stage on each layer of `stages` {path: (r, a, index)}.
+class UnitStage(NamedTuple):
+  """One stage of units on one layer: arrays or jax.ShapeDtypeStructs."""
+  kind: str
+  index: Any                # [n] int32, the neurons
+  params: dict[str, Any]    # {field: array} as unit_shapes(kind, n, d_in)
+
+
+def add_unit_stages(variables, stages: Mapping[str, UnitStage]):
+  """New variables with one more stage on each layer of `stages` {path: UnitStage}.
 
   Works on arrays and on jax.ShapeDtypeStructs alike (growing, and rebuilding the abstract
   grown model before a restore). `path` is the layer's module path, "blocks_0/attn/qkv".
   """
   params = traverse_util.flatten_dict(variables["params"], sep="/")
   growth = traverse_util.flatten_dict(variables.get(GROWTH_COLLECTION, {}), sep="/")
-  for path, (r, a, index) in stages.items():
-    r_name, a_name, index_name = unit_param_names(num_stages(params, path))
-    params[f"{path}/{r_name}"], params[f"{path}/{a_name}"] = r, a
-    growth[f"{path}/{index_name}"] = index
+  for path, stage in stages.items():
+    *param_names, index_name = unit_param_names(num_stages(params, path), stage.kind)
+    for name, field in zip(param_names, UNIT_KINDS[stage.kind]):
+      params[f"{path}/{name}"] = stage.params[field]
+    growth[f"{path}/{index_name}"] = stage.index
   new = dict(variables)
   new["params"] = traverse_util.unflatten_dict(params, sep="/")
   if growth:
     new[GROWTH_COLLECTION] = traverse_util.unflatten_dict(growth, sep="/")
   return new
+
+
+def switch_off_units(variables):
+  """The variables with every unit parameter zeroed: each unit's contribution is then exactly
+  0 (a = 0; p+ = p- = 0), so the model computes its ungrown function."""
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  off = {k: jnp.zeros_like(v) if _stage_of(k.rsplit("/", 1)[-1]) is not None else v
+         for k, v in params.items()}
+  return {**variables, "params": traverse_util.unflatten_dict(off, sep="/")}
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -113,20 +179,38 @@ def probe_branch(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Ar
   return s(zs + p) - s_zs - ds_p
 
 
-def apply_unit_stages(y, x, stages, activation: str = "gelu"):
-  """Applies stages [(index [n], r [n, d_in+1], a [n]), ...] to y [..., d_out] in order.
+def linear_unit(p: jax.Array, activation: str = "gelu") -> jax.Array:
+  """s(p) - s(0) + p with p = q.x~: zero at q = 0, slope 1 + s'(0) there."""
+  s = activation_fn(activation)
+  return s(p) - s(jnp.zeros((), p.dtype)) + p
 
-  The directions r . x~ of every stage come from one matmul on x (x~ = [x, 1] is never
-  built: the last column of r is added as an offset); then one gather and one scatter per
-  stage, in order, since a stage reads the neuron outputs of the stages before it. Never a
-  loop over neurons.
+
+def _projections(stage: UnitStage) -> tuple[jax.Array, jax.Array]:
+  """(weights [n, d_in], offsets [n]) of the stage's units: r.x~ for gated units, q.x~ with
+  q = p+ + p- for linear ones."""
+  if stage.kind == "gated":
+    r = stage.params["r"]
+    return r[:, :-1], r[:, -1]
+  return stage.params["w"][0] + stage.params["w"][1], stage.params["b"][0] + stage.params["b"][1]
+
+
+def apply_unit_stages(y, x, stages: list[UnitStage], activation: str = "gelu"):
+  """Applies the stages to y [..., d_out], in order; x [..., d_in] is the layer's input.
+
+  The projections of every stage come from one matmul on x (x~ = [x, 1] is never built: the
+  offsets are added); then one gather and one scatter per stage, in order, since a gated stage
+  reads the neuron outputs of the stages before it. Never a loop over neurons.
   """
-  r = jnp.concatenate([r for _, r, _ in stages]) if len(stages) > 1 else stages[0][1]
-  directions = jnp.einsum("...i,ni->...n", x, r[:, :-1]) + r[:, -1]
-  offsets = np.cumsum([len(index) for index, _, _ in stages])[:-1]
-  for (index, _, a), p in zip(stages, jnp.split(directions, offsets, axis=-1)):
-    z = jnp.take(y, index, axis=-1)
-    y = y.at[..., index].add(a * skip_unit(z, p, activation))
+  weights, offsets = zip(*map(_projections, stages))
+  projections = jnp.einsum("...i,ni->...n", x, jnp.concatenate(weights)) + jnp.concatenate(offsets)
+  splits = np.cumsum([len(stage.index) for stage in stages])[:-1]
+  for stage, p in zip(stages, jnp.split(projections, splits, axis=-1)):
+    if stage.kind == "gated":
+      z = jnp.take(y, stage.index, axis=-1)
+      unit = stage.params["a"] * skip_unit(z, p, activation)
+    else:
+      unit = linear_unit(p, activation)
+    y = y.at[..., stage.index].add(unit)
   return y
 
 
@@ -154,18 +238,23 @@ class GrowableDense(nn.Module):
         inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     stages = self.unit_stages(y.dtype)
-    if stages:
-      y = apply_unit_stages(y, inputs, stages, self.unit_activation)
-    return y
+    if not stages:
+      return y
+    out = apply_unit_stages(y, inputs, stages, self.unit_activation)
+    if self.is_mutable_collection(CONTRIBUTION[0]):
+      tokens = tuple(range(out.ndim - 1))
+      self.sow(*CONTRIBUTION, jnp.mean(jnp.abs(out - y).astype(jnp.float32), axis=tokens))
+    return out
 
-  def unit_stages(self, dtype) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-    """The (index, r, a) of every stage present in this layer's variables, in order."""
+  def unit_stages(self, dtype) -> list[UnitStage]:
+    """Every stage present in this layer's variables, in order, its parameters in `dtype`."""
+    params = self.variables.get("params", {})
     stages = []
-    for k in range(num_stages(self.variables.get("params", {}))):
-      r_name, a_name, index_name = unit_param_names(k)
-      stages.append((
-          self.get_variable(GROWTH_COLLECTION, index_name),
-          jnp.asarray(self.get_variable("params", r_name), dtype),
-          jnp.asarray(self.get_variable("params", a_name), dtype),
-      ))
+    for k in range(num_stages(params)):
+      kind = stage_kind(params, k)
+      *param_names, index_name = unit_param_names(k, kind)
+      stages.append(UnitStage(
+          kind, self.get_variable(GROWTH_COLLECTION, index_name),
+          {field: jnp.asarray(params[name], dtype)
+           for field, name in zip(UNIT_KINDS[kind], param_names)}))
     return stages

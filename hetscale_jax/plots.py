@@ -109,7 +109,7 @@ def units_per_neuron(variables) -> dict[str, np.ndarray]:
   for path in sorted(layers_spec, key=layer_order):
     units[path] = np.zeros(layers_spec[path]["d_out"], np.int32)
     for stage in range(len(layers_spec[path]["units"])):
-      np.add.at(units[path], np.asarray(indices[f"{path}/{layers.unit_param_names(stage)[2]}"]), 1)
+      np.add.at(units[path], np.asarray(indices[f"{path}/{layers.unit_param_names(stage)[-1]}"]), 1)
   return units
 
 

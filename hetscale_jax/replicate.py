@@ -5,10 +5,13 @@ r"""Replication: growth rules and static models, paired over seeds, with the stu
         --workdir workdirs/study --jobs 2                                          # the study
     python -m hetscale_jax.replicate ... --quick                                    # smoke run
 
-Variants of the config (default: configs/default.py; any --config.field=value applies to all):
+Variants of the config (default: configs/default.py; any --config.field=value applies to all),
+as config_lib.VARIANTS defines them:
 
-  splitting, random,     the reduced model grown by that growth.rule at the config's growth
-  uniform, first_order   events, up to growth.target_params (so all four end equally large)
+  splitting, authors,    the reduced model grown by that mechanism (rule, unit kind and
+  grad_norm, random,     allocation) at the config's growth events, with the same budget
+  random_linear,
+  uniform, first_order
   static_reduced         the reduced model, never grown
   static_full            the full widths (head_dim = width / num_heads, mlp_dim = 4 * width)
   static_uniform         head_dim and mlp_dim in the full model's ratio, the pair whose
@@ -16,8 +19,8 @@ Variants of the config (default: configs/default.py; any --config.field=value ap
                          or the start plus every event's budget): conventional scaling
 
 Pairing: for each seed every variant starts from the same initial parameters where shapes
-allow (the four rules and static_reduced), sees the same batches, and the rules grow at the
-same steps; they differ only in which neurons get units. Every variant logs its training loss
+allow (the grown variants and static_reduced), sees the same batches, and the grown variants
+grow at the same steps; they differ only in their growth mechanism. Every variant logs its training loss
 at every step, and every rule's growth events also measure the split-mode loss change on a
 held-aside batch (growth_event.split_check). The evidence (hetscale_jax.evidence): per variant
 the final test top-1 and loss, parameters, FLOPs, the mean training loss of the
@@ -53,13 +56,11 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
-from hetscale_jax import checkpoint, evidence, growth_event, input_pipeline, plots, report, train
-from hetscale_jax.models import deit
+from hetscale_jax import (checkpoint, config_lib, evidence, growth_event, input_pipeline, plots,
+                          report, train)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GROWTH_RULES = ("splitting", "random", "uniform", "first_order")
-STATIC = ("static_reduced", "static_full", "static_uniform")
-VARIANTS = GROWTH_RULES + STATIC
+VARIANTS = config_lib.VARIANTS
 
 config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "default.py"),
                                 "Base config of every variant.", lock_config=True)
@@ -88,28 +89,12 @@ def quick(config):
   return c
 
 
-def grown_size(config, info) -> int:
-  """Parameters of the grown models: growth.target_params, or the start plus every event's
-  budget."""
-  g = config.growth
-  start = deit.param_count(config.model.variant, **train.model_sizes(config, info))
-  return g.target_params or start + len(g.epochs) * g.budget_per_event
-
-
-def variant_config(base, variant: str, seed: int, uniform: tuple[int, int]):
-  """The config of one run; `uniform` = (head_dim, mlp_dim) of static_uniform."""
-  c = base.copy_and_resolve_references()
+def variant_config(base, variant: str, seed: int, sizes: dict):
+  """The config of one run (config_lib.apply_variant; `sizes` as train.model_sizes gives)."""
+  c = config_lib.apply_variant(base, variant, sizes)
   c.seed = seed
   c.log_every_steps = 1  # the loss of every step: post-event means, loss around the events
-  if variant in GROWTH_RULES:
-    c.growth.rule = variant
-    c.growth.measure_split = True
-    return c
-  c.growth.enabled = False
-  if variant == "static_full":
-    c.model.head_dim, c.model.mlp_dim = None, None  # deit.create's defaults: the full widths
-  elif variant == "static_uniform":
-    c.model.head_dim, c.model.mlp_dim = uniform
+  c.growth.measure_split = c.growth.enabled
   return c
 
 
@@ -251,11 +236,15 @@ def evidence_sections(configs: dict, summaries: dict, variants, event_steps: lis
   """The study's tables (markdown lines); draws its two figures into workdir."""
   measures = study_measures(configs, summaries, event_steps, k)
   events = range(1, len(event_steps) + 1)
-  rules = [v for v in GROWTH_RULES if v in variants]
+  rules = [v for v in config_lib.GROWN_VARIANTS if v in variants]
   per_event = lambda *names: [f"{n}/{i}" for n in names for i in events]
   lines = ["", "## Per variant (mean ± 95% half-width over seeds)", ""]
   lines += evidence.summary_table(measures, variants, ["top1", "test_loss", "params", "mflops"]
                                   + per_event("post_event_loss"))
+  if rules:
+    lines += ["", "## What the units carry: change when every unit is switched off (mean ± 95% "
+              "half-width)", ""]
+    lines += evidence.summary_table(measures, rules, ["units_off_top1", "units_off_loss"])
   if rules:
     lines += ["", "## The criterion: growth events in split mode, loss change per million added "
               "parameters", "",
@@ -290,12 +279,9 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
   """Trains what is missing of every (variant, seed) and writes the report (of the runs that
   finished); returns its text and the number of failed runs."""
   base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
-  info = input_pipeline.dataset_info(base.data)
-  uniform = (deit.uniform_widths(grown_size(base, info), base.model.variant,
-                                 **train.model_sizes(base, info))
-             if "static_uniform" in variants else None)
+  sizes = train.model_sizes(base, input_pipeline.dataset_info(base.data))
   # Seed by seed: a replication stopped early has about as many seeds of every variant.
-  configs = {(v, s): (variant_config(base, v, s, uniform), run_dir(workdir, v, s))
+  configs = {(v, s): (variant_config(base, v, s, sizes), run_dir(workdir, v, s))
              for s in range(seeds) for v in variants}
   start = time.perf_counter()
   summaries = run_all(configs, jobs)

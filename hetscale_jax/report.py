@@ -23,7 +23,7 @@ import os
 
 import ml_collections
 
-from hetscale_jax import checkpoint, input_pipeline, plots, spec
+from hetscale_jax import ablation, checkpoint, input_pipeline, plots, spec
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -111,7 +111,8 @@ def growth_rows(summary: dict) -> list[list[str]]:
   for e in summary["growth_events"]:
     grown = ", ".join(f"{p} {n}" for p, n in sorted(e["grown"].items(),
                                                    key=lambda kv: plots.layer_order(kv[0])))
-    rows.append([str(e["step"]), e["rule"], f"{e['params_before']:,}", f"{e['params_after']:,}",
+    rows.append([str(e["step"]), e["rule"], e.get("unit", "gated"), f"{e['params_before']:,}",
+                 f"{e['params_after']:,}",
                  f"{e['seconds_spectrum']:.1f}", f"{e['seconds_compile']:.1f}", grown or "none"])
   return rows
 
@@ -136,10 +137,15 @@ def render(runs: list[dict], out_dir: str) -> str:
               f"test images, {s['params']:,} parameters ({s['base_params']:,} at the start).", ""]
     if s["growth_events"]:
       lines += ["Growth events (seconds: spectrum computation, train-step recompilation):", ""]
-      lines += markdown_table(["step", "rule", "params before", "params after", "spectrum s",
-                       "recompile s", "neurons grown per layer"], growth_rows(s))
+      lines += markdown_table(["step", "rule", "unit", "params before", "params after",
+                               "spectrum s", "recompile s", "neurons grown per layer"],
+                              growth_rows(s))
       lines += ["", "Units per layer at the end:", "", "```", spec.describe(s["architecture"]),
                 "```", ""]
+      if s.get("unit_ablation"):
+        lines += ["What the units carry: the test metrics with every unit switched off, and "
+                  "each grown layer's mean |unit contribution|:", "", "```",
+                  ablation.describe(s["unit_ablation"]), "```", ""]
     else:
       lines += ["No growth events (a static model).", ""]
     for figure in run["figures"]:

@@ -1,4 +1,5 @@
-"""Architecture summary of a (grown) model as JSON: base widths and units per layer and stage.
+"""Architecture summary of a (grown) model as JSON: base widths, units per layer and stage, and
+each stage's unit kind.
 
 Stored in every checkpoint so that the grown model's abstract variables can be rebuilt
 before restoring into them: `abstract_variables(spec, base)` adds the unit stages to the
@@ -14,7 +15,9 @@ import jax.numpy as jnp
 
 from hetscale_jax import layers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 predates the unit kinds: every stage of it holds gated units.
+_READABLE = {1, FORMAT_VERSION}
 
 
 def count_params(params) -> int:
@@ -29,15 +32,17 @@ def _layer_kernels(params) -> dict[str, tuple[int, int]]:
 
 
 def from_variables(variables) -> dict:
-  """{"format", "layers": {path: {"d_in", "d_out", "units": [units per stage]}}} for every
-  dense layer (2-d kernel); "units" is empty for a layer that never grew."""
+  """{"format", "layers": {path: {"d_in", "d_out", "units": [units per stage], "kinds": [unit
+  kind per stage]}}} for every dense layer (2-d kernel); "units" and "kinds" are empty for a
+  layer that never grew."""
   growth = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
   params = traverse_util.flatten_dict(variables["params"], sep="/")
   summary = {}
   for path, (d_in, d_out) in sorted(_layer_kernels(variables["params"]).items()):
-    units = [int(growth[f"{path}/{layers.unit_param_names(k)[2]}"].shape[0])
-             for k in range(layers.num_stages(params, path))]
-    summary[path] = {"d_in": d_in, "d_out": d_out, "units": units}
+    kinds = [layers.stage_kind(params, k, path) for k in range(layers.num_stages(params, path))]
+    units = [int(growth[f"{path}/{layers.unit_param_names(k, kind)[-1]}"].shape[0])
+             for k, kind in enumerate(kinds)]
+    summary[path] = {"d_in": d_in, "d_out": d_out, "units": units, "kinds": kinds}
   return {"format": FORMAT_VERSION, "layers": summary}
 
 
@@ -46,11 +51,18 @@ def to_json(spec: dict) -> str:
 
 
 def from_json(text: str) -> dict:
-  spec = json.loads(text)
-  if spec.get("format") != FORMAT_VERSION:
-    raise ValueError(f"architecture spec format {spec.get('format')!r} is not the supported "
-                     f"{FORMAT_VERSION}")
-  return spec
+  """The spec of `text`, in this version's format."""
+  return upgrade(json.loads(text))
+
+
+def upgrade(spec: dict) -> dict:
+  """A spec of any readable format in the current one (format 1: gated units only)."""
+  if spec.get("format") not in _READABLE:
+    raise ValueError(f"architecture spec format {spec.get('format')!r} is not one of the "
+                     f"supported {sorted(_READABLE)}")
+  return {"format": FORMAT_VERSION, "layers": {
+      path: {"kinds": ["gated"] * len(layer["units"]), **layer}
+      for path, layer in spec["layers"].items()}}
 
 
 def abstract_variables(spec: dict, base):
@@ -62,19 +74,24 @@ def abstract_variables(spec: dict, base):
     if kernels.get(path) != (layer["d_in"], layer["d_out"]):
       raise ValueError(f"spec layer {path!r} is {layer['d_in']}x{layer['d_out']} but the model "
                        f"has {kernels.get(path)}: the checkpoint belongs to another architecture")
+  def abstract_stage(path, layer, stage):
+    kind, n, dtype = layer["kinds"][stage], layer["units"][stage], params[f"{path}/kernel"].dtype
+    return layers.UnitStage(kind, jax.ShapeDtypeStruct((n,), jnp.int32), {
+        field: jax.ShapeDtypeStruct(shape, dtype)
+        for field, shape in layers.unit_shapes(kind, n, layer["d_in"]).items()})
+
   out = base
   for stage in range(max((len(layer["units"]) for layer in spec["layers"].values()), default=0)):
     out = layers.add_unit_stages(out, {
-        path: (jax.ShapeDtypeStruct((layer["units"][stage], layer["d_in"] + 1), params[f"{path}/kernel"].dtype),
-               jax.ShapeDtypeStruct((layer["units"][stage],), params[f"{path}/kernel"].dtype),
-               jax.ShapeDtypeStruct((layer["units"][stage],), jnp.int32))
+        path: abstract_stage(path, layer, stage)
         for path, layer in spec["layers"].items() if stage < len(layer["units"])})
   return out
 
 
 def unit_params(spec: dict) -> int:
-  """Parameters held by units: d_in + 2 per unit."""
-  return sum(sum(layer["units"]) * (layer["d_in"] + 2) for layer in spec["layers"].values())
+  """Parameters held by units (layers.unit_param_count of each)."""
+  return sum(n * layers.unit_param_count(kind, layer["d_in"])
+             for layer in spec["layers"].values() for n, kind in zip(layer["units"], layer["kinds"]))
 
 
 def describe(spec: dict) -> str:
@@ -83,6 +100,8 @@ def describe(spec: dict) -> str:
   for path, layer in spec["layers"].items():
     if layer["units"]:
       total = sum(layer["units"])
+      kinds = "/".join(sorted(set(layer["kinds"])))
       lines.append(f"{path:<28} {layer['d_in']:>5}->{layer['d_out']:<5} units/stage "
-                   f"{layer['units']}  ({total} units on a layer of {layer['d_out']} neurons)")
+                   f"{layer['units']}  ({total} {kinds} units on a layer of {layer['d_out']} "
+                   "neurons)")
   return "\n".join(lines) if lines else "(no units)"

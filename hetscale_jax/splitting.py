@@ -16,8 +16,8 @@ give the same operator:
   layer-local jvp-over-grad of sum g * probe_branch(z, x~ D^T), which costs two matmuls per
   layer instead of a network pass. Holds all activations of the probe batch in memory.
 
-The batched Lanczos of `hetscale_jax.lanczos` then yields each neuron's smallest eigenpair, in
-the dtype of the layer's statistics (at least float32, whatever the parameters' dtype). With
+The batched Lanczos of `hetscale_jax.lanczos` then yields each neuron's smallest and largest
+eigenpair, in the dtype of the layer's statistics (at least float32, whatever the parameters' dtype). With
 collected statistics the layers run one after another, so only one layer's Krylov basis is ever
 held; streamed products serve all layers at once, so all layers share one loop.
 
@@ -25,6 +25,9 @@ Layers are found by intercepting GrowableDense calls while the user's loss runs,
 linen model built from GrowableDense works and the model itself knows nothing of this. A
 layer filter restricts all of it to the layers it keeps: the others get no statistics, no
 probe branch and no Lanczos.
+
+Beside the curvature, each neuron's first-order statistic G_j = sum_tokens g_j x~ (the gradient
+of its weights and bias, for a layer without units) serves the first-order scores.
 """
 
 from collections.abc import Callable
@@ -33,12 +36,14 @@ import functools
 from typing import Any
 
 import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hetscale_jax import layers
-from hetscale_jax.lanczos import lanczos_smallest, random_unit_rows
+from hetscale_jax.lanczos import lanczos_extremes, random_unit_rows
 
 # A layer is named by its module path, "blocks_0/attn/qkv", as in the params tree.
 LayerPath = str
@@ -49,13 +54,44 @@ LayerFilter = Callable[[LayerPath], bool] | None
 
 @flax.struct.dataclass
 class Spectrum:
-  """The smallest eigenpair of every neuron's splitting matrix in one layer."""
-  eigvals: jax.Array      # [d_out]
-  eigvecs: jax.Array      # [d_out, d_in + 1], unit norm
+  """Every neuron's splitting-matrix extremes and first-order gradient in one layer."""
+  eigvals: jax.Array      # [d_out], smallest eigenvalue
+  eigvecs: jax.Array      # [d_out, d_in + 1], its unit eigenvector
   residuals: jax.Array    # [d_out], |S v - lambda v|
+  eigvals_max: jax.Array  # [d_out], largest eigenvalue
+  eigvecs_max: jax.Array  # [d_out, d_in + 1], its unit eigenvector
   input_scale: jax.Array  # [], mean |x~|^2 over probe tokens: the layer's input scale
   start_dirs: jax.Array   # [d_out, d_in + 1], random unit vectors that started Lanczos
   start_rayleigh: jax.Array  # [d_out], r^T S r for r = start_dirs: the first-order score
+  gradient: jax.Array     # [d_out, d_in + 1], G_j = sum_tokens dL/dy_j x~ over the probe
+  activation: str = flax.struct.field(pytree_node=False, default="gelu")  # the units' s
+
+
+def random_spectrum(variables, seed: int = 0, layer_filter: LayerFilter = None,
+                    dtype=np.float32) -> dict[LayerPath, Spectrum]:
+  """A Spectrum of random values, of the right shapes for every dense layer of `variables`
+  (2-d kernel, "head" aside) that layer_filter keeps: what benchmarks of compute or compile
+  time and tests of the plumbing need, with no loss to evaluate."""
+  rng = np.random.default_rng(seed)
+
+  def unit_rows(shape):
+    v = rng.normal(size=shape).astype(dtype)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+  out = {}
+  for key, kernel in sorted(traverse_util.flatten_dict(variables["params"], sep="/").items()):
+    path = key.rsplit("/", 1)[0]
+    if (not key.endswith("/kernel") or np.ndim(kernel) != 2 or path == "head"
+        or not _keeps(layer_filter, path)):
+      continue
+    d_in, d_out = np.shape(kernel)
+    low, high = np.sort(rng.normal(size=(2, d_out)).astype(dtype), axis=0)
+    out[path] = Spectrum(
+        eigvals=low, eigvecs=unit_rows((d_out, d_in + 1)), residuals=np.zeros(d_out, dtype),
+        eigvals_max=high, eigvecs_max=unit_rows((d_out, d_in + 1)), input_scale=dtype(1.0),
+        start_dirs=unit_rows((d_out, d_in + 1)), start_rayleigh=rng.normal(size=d_out).astype(dtype),
+        gradient=rng.normal(size=(d_out, d_in + 1)).astype(dtype))
+  return out
 
 
 def layer_path(module: nn.Module) -> LayerPath:
@@ -206,6 +242,29 @@ def input_scales(loss_fn: LossFn, variables, batch,
   return {p: sum(t[p] for t in totals) / len(totals) for p in totals[0]}
 
 
+def output_gradients(loss_fn: LossFn, variables, batch,
+                     layer_filter: LayerFilter = None) -> dict[LayerPath, jax.Array]:
+  """{path: G [d_out, d_in+1]}, G_j = sum over probe tokens of dL/dy_j x~ (averaged over the
+  batches), for the layers layer_filter keeps (None: all).
+
+  G is the gradient in D of the loss with y + x~ D^T in place of every kept layer's output y,
+  at D = 0: one backward pass per batch, memory of one training step.
+  """
+  batches = _as_batches(batch)
+  found = find_growable_layers(loss_fn, variables, batches[0])
+  zeros = {p: jnp.zeros((s["d_out"], s["d_in"] + 1), statistics_dtype(s["out"]))
+           for p, s in found.items() if _keeps(layer_filter, p)}
+
+  def loss_in_offsets(offsets, b):
+    def offset(module, x, y):
+      d = offsets[layer_path(module)]
+      return y + (layers.with_bias_input(x.astype(d.dtype)) @ d.T).astype(y.dtype)
+    with _on_growable_outputs(offset, layer_filter):
+      return loss_fn(variables, b)
+  grads = [jax.grad(loss_in_offsets)(zeros, b) for b in batches]
+  return jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+
+
 def local_probe_gradient(x_tilde, z, g, probe, activation: str):
   """d/dD of one layer's probe branch sum g * probe(z, x~ D^T); its jvp in D is S V."""
   def local_loss(d):
@@ -251,8 +310,7 @@ METHODS = ("collected", "streamed")
 
 
 def _collected_pairs(stats, groups, start, restart_keys, num_iters):
-  """Lanczos one layer at a time from collected statistics: {path: (eigvals, eigvecs,
-  residuals, start Rayleigh quotients)}.
+  """Lanczos one layer at a time from collected statistics: {path: RitzPairs}.
 
   The products of a layer need only its own statistics, so the layers need not share a
   Krylov sequence: each runs alone and only one layer's basis, the spectrum's largest array,
@@ -273,7 +331,7 @@ def _collected_pairs(stats, groups, start, restart_keys, num_iters):
       # statistics would be held a second time.
       x_tilde, z, g = jax.lax.switch(index, [lambda p=p: stats[p] for p in paths])
       product = layer_hvp(x_tilde, z, g, activation)  # linearised once, outside the loop
-      return lanczos_smallest(lambda q: {"": product(q[""])}, {"": v}, rng, num_iters)[""]
+      return lanczos_extremes(lambda q: {"": product(q[""])}, {"": v}, rng, num_iters)[""]
     previous = jax.lax.map(one_layer, inputs)
     pairs.update({p: jax.tree.map(lambda a, i=i: a[i], previous) for i, p in enumerate(paths)})
   return pairs
@@ -313,13 +371,16 @@ def _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter=No
   else:
     # Every streamed product re-runs the network for all layers: one sequence for them all.
     hvp = streamed_hvp(loss_fn, variables, batch, {p: s["activation"] for p, s in shapes.items()})
-    pairs = unstack_groups(lanczos_smallest(
+    pairs = unstack_groups(lanczos_extremes(
         lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
         stack_groups(start, groups), restart_rng, num_iters), groups)
   scales = input_scales(loss_fn, variables, batch, layer_filter)
-  return {p: Spectrum(eigvals=lam, eigvecs=v, residuals=res, input_scale=scales[p],
-                      start_dirs=start[p], start_rayleigh=rayleigh)
-          for p, (lam, v, res, rayleigh) in pairs.items()}
+  gradients = output_gradients(loss_fn, variables, batch, layer_filter)
+  return {p: Spectrum(eigvals=r.eigvals, eigvecs=r.eigvecs, residuals=r.residuals,
+                      eigvals_max=r.eigvals_max, eigvecs_max=r.eigvecs_max, input_scale=scales[p],
+                      start_dirs=start[p], start_rayleigh=r.start_rayleigh,
+                      gradient=gradients[p], activation=shapes[p]["activation"])
+          for p, r in pairs.items()}
 
 
 # Chosen for what growth uses: the neurons an event picks have the most negative eigenvalues,
@@ -332,7 +393,8 @@ DEFAULT_NUM_ITERS = 12
 def splitting_spectrum(loss_fn: LossFn, variables, batch, *, num_iters: int = DEFAULT_NUM_ITERS,
                        rng: jax.Array | None = None, method: str = "collected",
                        layer_filter: LayerFilter = None) -> dict[LayerPath, Spectrum]:
-  """Smallest eigenpair of the splitting matrix of every neuron of every GrowableDense.
+  """The splitting-matrix extremes and first-order gradient of every neuron of every
+  GrowableDense (Spectrum).
 
   loss_fn(variables, batch) -> scalar must be deterministic (no dropout, drop-path or
   augmentation noise): every Lanczos step must see the same operator. `batch` may be a

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hetscale_jax import (checkpoint, config_lib, datasets, growth_event, input_pipeline, losses,
-                          optim, plots, sharding, spec, writers)
+from hetscale_jax import (ablation, checkpoint, config_lib, datasets, growth_event, input_pipeline,
+                          layers, losses, optim, plots, sharding, spec, writers)
 from hetscale_jax.models import deit
 
 
@@ -70,11 +70,16 @@ def model_input(config) -> Callable[[jax.Array], jax.Array]:
   return functools.partial(datasets.normalize, dataset=config.data.name)
 
 
+def peak_learning_rate(config) -> float:
+  """optim.base_lr scaled with the batch size (base_lr is the lr at batch 512)."""
+  return config.optim.base_lr * config.batch_size / 512
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up from warmup_lr, cosine to min_lr; peak lr scaled with the batch size."""
+  """Linear warm-up from warmup_lr, cosine to min_lr."""
   o = config.optim
   return optax.warmup_cosine_decay_schedule(
-      init_value=o.warmup_lr, peak_value=o.base_lr * config.batch_size / 512,
+      init_value=o.warmup_lr, peak_value=peak_learning_rate(config),
       warmup_steps=int(o.warmup_epochs * steps_per_epoch),
       decay_steps=config.num_epochs * steps_per_epoch, end_value=o.min_lr)
 
@@ -146,6 +151,19 @@ def make_eval_step(model, config):
   return eval_step
 
 
+def make_contribution_step(model, config):
+  """variables, batch -> the units' mean |contribution| per neuron that every grown layer
+  sows (layers.CONTRIBUTION)."""
+  to_input = model_input(config)
+
+  @jax.jit
+  def contribution_step(variables, batch):
+    _, sown = model.apply(variables, to_input(batch["image"]), train=False,
+                          mutable=[layers.CONTRIBUTION[0]])
+    return sown[layers.CONTRIBUTION[0]]
+  return contribution_step
+
+
 def state_shardings(mesh, state):
   shardings = sharding.tree_shardings(mesh, state)
   rep = sharding.replicated(mesh)
@@ -180,21 +198,32 @@ def evaluate(eval_step, variables, config, mesh) -> dict:
           "top5": float(totals["top5"]) / count, "count": int(count)}
 
 
-def check_batch(config, mesh):
-  """The fixed batch on which growth events measure the split-mode loss change
-  (config.growth.measure_split): the first eval batch, held aside from training."""
-  if not config.growth.measure_split:
-    return None
+def unit_ablation(model, eval_step, config, mesh, variables, intact: dict) -> dict:
+  """ablation.unit_ablation on the test set (contributions on its first batch)."""
+  contribution_step = make_contribution_step(model, config)
+  first = first_eval_batch(config, mesh)
+  return ablation.unit_ablation(
+      lambda v: evaluate(eval_step, v, config, mesh),
+      lambda v: sharding.host_value(contribution_step(v, first)), variables, intact)
+
+
+def first_eval_batch(config, mesh):
   return next(sharding.prefetch_to_mesh(
       input_pipeline.eval_batches(config.data, global_batch_size=config.batch_size), mesh))
 
 
-def grow_and_recompile(config, model, tx, train_step, mesh, state, probe, events_left: int,
-                       num_classes: int, held_aside=None):
+def check_batch(config, mesh):
+  """The fixed batch on which growth events measure the split-mode loss change
+  (config.growth.measure_split): the first eval batch, held aside from training."""
+  return first_eval_batch(config, mesh) if config.growth.measure_split else None
+
+
+def grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
+                       weights_left: list[float], num_classes: int, held_aside=None):
   """A growth event (growth_event.grow_state; `held_aside`: its check_batch) and the train step
   compiled for its result."""
-  state, event = growth_event.grow_state(config, model, tx, state, probe, events_left=events_left,
-                                         num_classes=num_classes, model_input=model_input(config),
+  state, event = growth_event.grow_state(config, model, tx, state, probe,
+                                         weights_left=weights_left, num_classes=num_classes, model_input=model_input(config),
                                          check_batch=held_aside)
   compiled = compile_train_step(train_step, mesh, state, probe[0])
   event.record["seconds_compile"] = compiled.seconds
@@ -257,6 +286,8 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   num_params = spec.count_params(state.params)
   base_params = growth_log[0]["params_before"] if growth_log else num_params
   lr_schedule = learning_rate_schedule(config, steps_per_epoch)
+  weights = growth_event.budget_weights(
+      config.growth, [float(lr_schedule(s)) / peak_learning_rate(config) for s in events])
   print(f"DeiT-{config.model.variant} on {info.name}: {base_params:,} params, {total_steps} steps, "
         f"{len(events)} growth events at steps {events}; train step compiled in {compiled.seconds:.1f}s"
         + (f"; resumed at step {start_step} with {len(growth_log)} events done" if restored else ""),
@@ -269,7 +300,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
         probe = list(itertools.islice(batches, config.growth.probe_batches))
         batches = itertools.chain(probe, batches)
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
-                                                    len(events) - events.index(step), info.num_classes,
+                                                    weights[events.index(step):], info.num_classes,
                                                     held_aside)
         compiles += 1
         num_params = event.record["params_after"]
@@ -305,9 +336,12 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   check_finite(state)
   if not last_eval:  # resumed from the final checkpoint of a run killed before its summary
     last_eval = evaluate(eval_step, state.variables, config, mesh)
+  units = (unit_ablation(model, eval_step, config, mesh, state.variables, last_eval)
+           if growth_log else None)
   ckpt.wait()  # summary.json marks a finished run: its final checkpoint must be complete
   writer.close()
   return write_summary(workdir, info, state, last_eval, total_steps, base_params, growth_log,
+                       unit_ablation=units,
                        train_step_compiles=compiles,
                        resumed_from_step=start_step if restored else None,
                        wall_seconds=time.perf_counter() - run_start)
@@ -369,6 +403,7 @@ def write_summary(workdir: str, info, state: TrainState, last_eval: dict, total_
         f"({base_params:,} before growth)")
   if growth_log:
     print("grown layers:\n" + spec.describe(architecture))
+    print(ablation.describe(summary["unit_ablation"]))
   return summary
 
 

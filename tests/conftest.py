@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from hetscale_jax import splitting
 from hetscale_jax.layers import GrowableDense
 from hetscale_jax.models import deit
 
@@ -216,6 +217,31 @@ def explicit_splitting_matrices(stats, neurons=None):
     # One BLAS product per neuron: (x~ * w_j)^T x~.
     out[path] = np.stack([(x_tilde * w[:, None]).T @ x_tilde for w in weight.T])
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted helpers shared by the growth tests (module-level functions: compiled once per loss).
+
+
+def exact_spectrum(problem, variables=None):
+  """The spectrum with num_iters = the largest d_in + 1 (shared with test_splitting's runs)."""
+  variables = problem.variables if variables is None else variables
+  shapes = splitting.find_growable_layers(problem.loss_fn, variables, problem.batch)
+  num_iters = max(s["d_in"] + 1 for s in shapes.values())
+  return splitting.splitting_spectrum(problem.loss_fn, variables, problem.batch,
+                                      num_iters=num_iters)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def params_grad(loss_fn, variables, batch):
+  """dL/dparams with the other collections (unit indices) held fixed; jitted once per loss."""
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return jax.grad(lambda p: loss_fn({**rest, "params": p}, batch))(variables["params"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jit_loss(loss_fn, variables, batch):
+  return loss_fn(variables, batch)
 
 
 def relative_error(actual, expected):

@@ -1,4 +1,6 @@
-"""Checkpoints and fault tolerance on the tiny config (2 growth events in 88 steps).
+"""Checkpoints and fault tolerance on the tiny config (2 growth events in 88 steps), grown by
+the released mechanism (row_sum, linear units, by_kind): linear units resume bit for bit too
+(gated ones are the tiny config's own, trained in test_train and test_report).
 
 One uninterrupted run is the reference. A run stopped after the first growth event and
 resumed, a run killed (SIGKILL, some kills during a save) and stopped (SIGTERM) over and
@@ -36,11 +38,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STOP_STEP = 30  # after the first growth event (step 22), before the second (44)
 
 
+MECHANISM = config_lib.GROWN_VARIANTS["authors"]
+
+
 def tiny_config():
   module_spec = importlib.util.spec_from_file_location("tiny_test", REPO / "configs" / "tiny_test.py")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config()
+  config = module.get_config()
+  config.growth.update(MECHANISM)
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +167,8 @@ def test_checkpoint_after_growth_restores_the_grown_model(stopped):
 def _launch(workdir, xla_cache, log, *overrides):
   return subprocess.Popen(
       [sys.executable, "main.py", "--config", "configs/tiny_test.py", f"--workdir={workdir}",
-       f"--config.compilation_cache_dir={xla_cache}", *overrides],
+       f"--config.compilation_cache_dir={xla_cache}",
+       *[f"--config.growth.{field}={value}" for field, value in MECHANISM.items()], *overrides],
       cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -8,9 +8,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from hetscale_jax import config_lib
+from hetscale_jax import config_lib, growth_event, train
 from hetscale_jax.models import deit
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -44,22 +45,47 @@ def test_shipped_configs_validate(name):
   config_lib.validate(load_config(name))
 
 
-@pytest.mark.parametrize("variant", config_lib.PAPER_VARIANTS)
+@pytest.mark.parametrize("variant", config_lib.VARIANTS)
 def test_paper_variants_validate(variant):
   config_lib.validate(load_config("deit_s_in100", variant))
 
 
-def test_paper_configs_start_reduced_and_grow_to_ninety_percent_of_deit_s():
-  full = deit.param_count("S", num_classes=100, img_size=224)
+def test_paper_configs_are_the_released_setting():
+  """The released reduced DeiT-S (11,071,204 parameters with 100 classes), 9 events after
+  epochs 50, 80, ..., 290 to 19.4M parameters, each event's share in proportion to the
+  learning rate: the released ratios lr(e) / base_lr."""
   grown = load_config("deit_s_in100")
   reduced = deit.param_count("S", num_classes=100, img_size=224,
-                                        head_dim=grown.model.head_dim, mlp_dim=grown.model.mlp_dim)
-  assert reduced < grown.growth.target_params == int(0.9 * full)
+                             head_dim=grown.model.head_dim, mlp_dim=grown.model.mlp_dim)
+  assert reduced == 11_071_204 and grown.growth.target_params == 19_400_000
+  assert grown.growth.epochs == (50.0, 80.0, 110.0, 140.0, 170.0, 200.0, 230.0, 260.0, 290.0)
+  steps_per_epoch = 123  # ImageNet-100's 126,689 training images at batch 1024
+  schedule = train.learning_rate_schedule(grown, steps_per_epoch)
+  steps = growth_event.event_steps(grown, steps_per_epoch)
+  weights = growth_event.budget_weights(
+      grown.growth, [float(schedule(s)) / train.peak_learning_rate(grown) for s in steps])
+  # The released ratios, to the difference of the two cosine schedules (timm's counts the
+  # warm-up epochs into the cosine, optax's starts it after them).
+  np.testing.assert_allclose(weights, [.94, .84, .71, .57, .41, .27, .15, .06, .03], atol=0.02)
+  params, budgets = reduced, []
+  for i in range(len(steps)):
+    budgets.append(growth_event.event_budget(grown.growth, params, weights[i:]))
+    params += budgets[-1]
+  assert 0 <= grown.growth.target_params - params < len(steps)  # only rounding left over
+  assert budgets == sorted(budgets, reverse=True)
+  # The mechanisms, on one reduced start.
+  for variant, (rule, unit, allocation) in {"splitting": ("splitting", "gated", "global"),
+                                            "authors": ("row_sum", "linear", "by_kind")}.items():
+    c = load_config("deit_s_in100", variant)
+    assert (c.growth.rule, c.growth.unit, c.growth.allocation) == (rule, unit, allocation)
+    assert (c.model.head_dim, c.model.mlp_dim) == (32, 768) and c.growth.enabled
+  full = deit.param_count("S", num_classes=100, img_size=224)
   uniform = load_config("deit_s_in100", "static_uniform")
   same_size = deit.param_count("S", num_classes=100, img_size=224,
-                                          head_dim=uniform.model.head_dim, mlp_dim=uniform.model.mlp_dim)
+                               head_dim=uniform.model.head_dim, mlp_dim=uniform.model.mlp_dim)
   # The uniformly scaled baseline is within one head-dim step of the grown model's size.
   assert abs(same_size - grown.growth.target_params) < 0.02 * full
+  assert not load_config("deit_s_in100", "static_full").growth.enabled
 
 
 @pytest.mark.parametrize("overrides", [
@@ -91,6 +117,11 @@ def test_closed_form_param_count_matches_the_model(overrides):
     ("growth.rule", "best", "config.growth.rule='best'"),
     ("growth.layers", ("qkv", "head"), "config.growth.layers"),
     ("growth.method", "dense", "config.growth.method"),
+    ("growth.unit", "wide", "config.growth.unit='wide'"),
+    ("growth.allocation", "per_block", "config.growth.allocation='per_block'"),
+    ("growth.min_candidates", 0, "config.growth.min_candidates=0"),
+    ("growth.budget_weights", "steps", "config.growth.budget_weights='steps'"),
+    ("growth.split_check_scale", 0.0, "config.growth.split_check_scale=0.0"),
     ("data.repeated_augmentation", 0, "config.data.repeated_augmentation"),
 ])
 def test_bad_values_name_the_field(field, value, message):
@@ -112,6 +143,17 @@ def test_mesh_needs_are_checked_against_the_devices(batch_size, fsdp, message):
     config_lib.check_against_devices(config, 8)
   config.batch_size, config.mesh.fsdp = 64, 2
   config_lib.check_against_devices(config, 8)
+
+
+def test_split_mode_needs_gated_units_and_lr_weights_a_target():
+  config = load_config("default")
+  config.growth.mode, config.growth.unit = "split", "linear"
+  with pytest.raises(config_lib.ConfigError, match="'split' needs growth.unit='gated'"):
+    config_lib.validate(config)
+  config = load_config("study_mnist5k")  # a budget per event, no target
+  config.growth.budget_weights = "lr"
+  with pytest.raises(config_lib.ConfigError, match="set it, or use 'equal'"):
+    config_lib.validate(config)
 
 
 def test_both_budgets_or_neither_is_an_error():

@@ -1,30 +1,32 @@
 """grow.select rules, grow.grow in exact and split mode (against second-order predictions),
 stacked growth, and optimizer-state migration."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from conftest import (capture_layer_statistics, cast_floats, explicit_splitting_matrices, make_deit,
-                      make_mlp)
-from hetscale_jax import grow, growth_event, layers, optim, spec, splitting
+from conftest import (capture_layer_statistics, cast_floats, exact_spectrum,
+                      explicit_splitting_matrices, jit_loss, make_deit, make_mlp, params_grad)
+from hetscale_jax import grow, growth_event, layers, optim, spec
 from hetscale_jax.splitting import Spectrum
 
 # ---------------------------------------------------------------------------------------------
 # select, on hand-made spectra.
 
 
-def fake_spectrum(eigvals, d_in, input_scale=1.0, start_rayleigh=None):
+def fake_spectrum(eigvals, d_in, input_scale=1.0, start_rayleigh=None, eigvals_max=None,
+                  gradient=None):
   eigvals = np.asarray(eigvals, np.float64)
   d_out = len(eigvals)
-  rayleigh = np.zeros(d_out) if start_rayleigh is None else np.asarray(start_rayleigh, np.float64)
-  return Spectrum(eigvals=eigvals, eigvecs=np.zeros((d_out, d_in + 1)), residuals=np.zeros(d_out),
-                  input_scale=np.float64(input_scale), start_dirs=np.zeros((d_out, d_in + 1)),
-                  start_rayleigh=rayleigh)
+  given = lambda value, default: default if value is None else np.asarray(value, np.float64)
+  zeros = np.zeros((d_out, d_in + 1))
+  return Spectrum(eigvals=eigvals, eigvecs=zeros, residuals=np.zeros(d_out),
+                  eigvals_max=given(eigvals_max, eigvals), eigvecs_max=zeros,
+                  input_scale=np.float64(input_scale), start_dirs=zeros,
+                  start_rayleigh=given(start_rayleigh, np.zeros(d_out)),
+                  gradient=given(gradient, zeros))
 
 
 def two_layer_spectrum():
@@ -72,26 +74,37 @@ def test_select_per_layer_cap():
 
 def _big_spectrum(seed=0):
   rng = np.random.default_rng(seed)
-  return {f"layer_{i}": fake_spectrum(rng.normal(size=d_out), d_in=d_in,
-                                      input_scale=rng.uniform(0.5, 2),
-                                      start_rayleigh=rng.normal(size=d_out))
-          for i, (d_in, d_out) in enumerate([(4, 40), (9, 24), (15, 60)])}
+  spectrum = {}
+  for i, (d_in, d_out) in enumerate([(4, 40), (9, 24), (15, 60)]):
+    low = rng.normal(size=d_out)
+    spectrum[f"layer_{i}"] = fake_spectrum(
+        low, d_in=d_in, input_scale=rng.uniform(0.5, 2), start_rayleigh=rng.normal(size=d_out),
+        eigvals_max=low + rng.uniform(0, 3, size=d_out), gradient=rng.normal(size=(d_out, d_in + 1)))
+  return spectrum
 
 
+@pytest.mark.parametrize("allocation", grow.ALLOCATIONS)
+@pytest.mark.parametrize("unit", grow.UNITS)
 @pytest.mark.parametrize("rule", grow.RULES)
 @pytest.mark.parametrize("budget, fraction", [(0, 0.25), (37, 0.25), (300, 0.1), (10_000, 0.25),
                                               (10_000, 1.0)])
-def test_every_rule_honours_budget_and_cap(rule, budget, fraction):
+def test_every_rule_honours_budget_and_cap(rule, unit, allocation, budget, fraction):
   spectrum = _big_spectrum()
-  plan = grow.select(spectrum, budget=budget, rule=rule, max_layer_fraction=fraction, rng=1)
-  assert plan.rule == rule
+  plan = grow.select(spectrum, budget=budget, rule=rule, unit=unit, allocation=allocation,
+                     max_layer_fraction=fraction, rng=1)
+  assert plan.rule == rule and plan.unit == unit
   assert plan.num_params <= budget
-  assert plan.num_params == sum(len(i) * grow.unit_cost(spectrum[p]) for p, i in plan.indices.items())
+  assert plan.num_params == sum(len(i) * grow.spectrum_unit_cost(spectrum[p], unit)
+                                for p, i in plan.indices.items())
   for path, index in plan.indices.items():
     d_out = spectrum[path].eigvals.shape[0]
     assert len(index) <= int(fraction * d_out)
     assert len(set(index.tolist())) == len(index) and np.all(np.diff(index) > 0)  # sorted, unique
     assert index.dtype == np.int32 and index.min() >= 0 and index.max() < d_out
+  if allocation == "by_kind":  # here every layer is a kind of its own: a quota each
+    assert all(len(i) * grow.spectrum_unit_cost(spectrum[p], unit) <= budget // len(spectrum)
+               for p, i in plan.indices.items())
+    return
   if rule == "uniform":
     # Equal rounds: a layer two or more units behind the most grown one had hit its cap, or
     # its unit no longer fitted the budget.
@@ -100,8 +113,8 @@ def test_every_rule_honours_budget_and_cap(rule, budget, fraction):
     for path, count in counts.items():
       if count < max(counts.values()) - 1:
         assert (count == int(fraction * spectrum[path].eigvals.shape[0])
-                or grow.unit_cost(spectrum[path]) > left), (path, counts)
-  if budget == 10_000 and fraction == 0.25 and rule != "splitting":
+                or grow.spectrum_unit_cost(spectrum[path], unit) > left), (path, counts)
+  if budget == 10_000 and fraction == 0.25 and rule not in grow.THRESHOLD_RULES:
     # Rules without a threshold fill every layer to its cap when the budget allows.
     assert {p: len(i) for p, i in plan.indices.items()} == {p: int(0.25 * s.eigvals.shape[0])
                                                           for p, s in spectrum.items()}
@@ -124,7 +137,7 @@ def test_rule_specifics():
   plan = grow.select(spectrum, budget=10_000, rule="first_order", max_layer_fraction=1.0)
   assert plan.direction == "random"
   plan = grow.select(spectrum, budget=30, rule="first_order", max_layer_fraction=1.0)
-  per_param = {p: np.abs(s.start_rayleigh) / float(s.input_scale) / grow.unit_cost(s)
+  per_param = {p: np.abs(s.start_rayleigh) / float(s.input_scale) / grow.spectrum_unit_cost(s, "gated")
                for p, s in spectrum.items()}
   best_path = max(per_param, key=lambda p: per_param[p].max())
   assert int(np.argmax(per_param[best_path])) in plan.indices[best_path]
@@ -145,27 +158,6 @@ def test_select_rejects_bad_arguments():
 
 # ---------------------------------------------------------------------------------------------
 # grow, on real spectra (float64, complete Krylov basis, so eigenpairs are exact).
-
-
-def exact_spectrum(problem, variables=None):
-  """The spectrum with num_iters = the largest d_in + 1 (shared with test_splitting's runs)."""
-  variables = problem.variables if variables is None else variables
-  shapes = splitting.find_growable_layers(problem.loss_fn, variables, problem.batch)
-  num_iters = max(s["d_in"] + 1 for s in shapes.values())
-  return splitting.splitting_spectrum(problem.loss_fn, variables, problem.batch,
-                                      num_iters=num_iters)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def params_grad(loss_fn, variables, batch):
-  """dL/dparams with the other collections (unit indices) held fixed; jitted once per loss."""
-  rest = {k: v for k, v in variables.items() if k != "params"}
-  return jax.grad(lambda p: loss_fn({**rest, "params": p}, batch))(variables["params"])
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def jit_loss(loss_fn, variables, batch):
-  return loss_fn(variables, batch)
 
 
 def float64_problem(model):

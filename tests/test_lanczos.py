@@ -25,26 +25,27 @@ def products(v, m):
 
 
 def run_lanczos(matrices, start, num_iters, dtype=jnp.float64, seed=0):
-  """lanczos_smallest on explicit matrices {p: [..., n, n]} as the only access to them: their
-  products. Returns {p: (eigvals, eigvecs, residuals, start Rayleigh quotients)} in NumPy."""
+  """lanczos_extremes on explicit matrices {p: [..., n, n]} as the only access to them: their
+  products. Returns {p: RitzPairs} in NumPy."""
   matrices = {p: jnp.asarray(m, dtype) for p, m in matrices.items()}
   start = {p: jnp.asarray(v, dtype) for p, v in start.items()}
 
   @jax.jit
   def solve(matrices, start, key):
     hvp = lambda vecs: {p: jnp.einsum("...ij,...j->...i", matrices[p], v) for p, v in vecs.items()}
-    return lanczos.lanczos_smallest(hvp, start, key, num_iters)
+    return lanczos.lanczos_extremes(hvp, start, key, num_iters)
   out = solve(matrices, start, jax.random.key(seed))
   for p, pair in out.items():
     assert all(a.dtype == dtype for a in pair), p  # every step in the start vectors' dtype
   return jax.tree.map(lambda a: np.asarray(a, np.float64), out)
 
 
-def assert_smallest_pairs(result, matrices, val_tol, vec_tol):
-  """Eigenvalues, explicit and returned residuals (relative to |S|), eigenvectors up to sign
-  where the smallest eigenvalue is simple."""
+def assert_extreme_pairs(result, matrices, val_tol, vec_tol):
+  """Smallest pairs: eigenvalues, explicit and returned residuals (relative to |S|),
+  eigenvectors up to sign where the smallest eigenvalue is simple. Largest pairs: eigenvalues,
+  explicit residuals and eigenvectors likewise."""
   for p, m in matrices.items():
-    theta, vec, residual, _ = result[p]
+    theta, vec, residual = result[p].eigvals, result[p].eigvecs, result[p].residuals
     eigvals, eigvecs = np.linalg.eigh(m)
     norm = np.max(np.abs(eigvals), axis=-1)
     assert np.max(np.abs(theta - eigvals[..., 0]) / norm) <= val_tol, p
@@ -57,6 +58,15 @@ def assert_smallest_pairs(result, matrices, val_tol, vec_tol):
       ref = eigvecs[..., 0]
       sign = np.sign(np.sum(ref * vec, axis=-1))[..., None]
       assert np.max(np.abs(vec * sign - ref)[simple]) <= vec_tol, p
+    theta_max, vec_max = result[p].eigvals_max, result[p].eigvecs_max
+    assert np.max(np.abs(theta_max - eigvals[..., -1]) / norm) <= val_tol, p
+    explicit = np.linalg.norm(products(vec_max, m) - theta_max[..., None] * vec_max, axis=-1)
+    assert np.max(explicit / norm) <= val_tol, p
+    if m.shape[-1] > 1:
+      simple = (eigvals[..., -1] - eigvals[..., -2]) / norm > 1e-3
+      ref = eigvecs[..., -1]
+      sign = np.sign(np.sum(ref * vec_max, axis=-1))[..., None]
+      assert np.max(np.abs(vec_max * sign - ref)[simple]) <= vec_tol, p
 
 
 @pytest.mark.parametrize("dtype, val_tol, vec_tol", [(jnp.float64, 1e-12, 1e-8),
@@ -70,10 +80,10 @@ def test_complete_basis_matches_eigh(x64, dtype, val_tol, vec_tol):
               "small": random_symmetric(rng, (4, 3, 3))}
   start = {p: random_starts(rng, m.shape[:-1]) for p, m in matrices.items()}
   result = run_lanczos(matrices, start, num_iters=9, dtype=dtype)
-  assert_smallest_pairs(result, matrices, val_tol, vec_tol)
+  assert_extreme_pairs(result, matrices, val_tol, vec_tol)
   for p, m in matrices.items():
     v = np.asarray(jnp.asarray(start[p], dtype), np.float64)
-    np.testing.assert_allclose(result[p][3], np.einsum("...i,...ij,...j->...", v, m, v),
+    np.testing.assert_allclose(result[p].start_rayleigh, np.einsum("...i,...ij,...j->...", v, m, v),
                                rtol=10 * val_tol, atol=10 * val_tol * np.abs(m).max())
 
 
@@ -112,7 +122,7 @@ def test_breakdown_restarts_and_still_matches_eigh(x64):
   low_rank, low_rank_start = low_rank_indefinite(rng, batch=6, n=8, rank=3)
   matrices = {"hidden": hidden, "low_rank": low_rank}
   result = run_lanczos(matrices, {"hidden": hidden_start, "low_rank": low_rank_start}, num_iters=8)
-  assert_smallest_pairs(result, matrices, val_tol=1e-12, vec_tol=1e-8)
+  assert_extreme_pairs(result, matrices, val_tol=1e-12, vec_tol=1e-8)
 
 
 def test_residuals_and_ritz_values_before_convergence(x64):
@@ -121,7 +131,7 @@ def test_residuals_and_ritz_values_before_convergence(x64):
   rng = np.random.default_rng(2)
   matrices = {"m": random_symmetric(rng, (40, 12, 12))}
   result = run_lanczos(matrices, {"m": random_starts(rng, (40, 12))}, num_iters=3)
-  theta, vec, residual, _ = result["m"]
+  theta, vec, residual = result["m"].eigvals, result["m"].eigvecs, result["m"].residuals
   m = matrices["m"]
   eigvals = np.linalg.eigvalsh(m)
   norm = np.max(np.abs(eigvals), axis=-1)

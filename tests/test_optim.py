@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_deit
 from hetscale_jax import grow, optim
-from hetscale_jax.splitting import Spectrum
+from hetscale_jax.splitting import random_spectrum
 
 
 def _params(seed=0):
@@ -59,15 +59,14 @@ def test_scale_by_adam_per_param_equals_optax_without_growth(jit):
 
 
 def _grown_deit_params():
+  """Tiny DeiT params with a stage of gated units, then one of linear units, on fc1."""
   problem = make_deit()
-  node = problem.variables["params"]["blocks_0"]["mlp"]["fc1"]
-  d_in, d_out = node["kernel"].shape
-  spectrum = {"blocks_0/mlp/fc1": Spectrum(
-      eigvals=-np.ones(d_out), eigvecs=np.ones((d_out, d_in + 1)), residuals=np.zeros(d_out),
-      input_scale=np.float64(1.0), start_dirs=np.ones((d_out, d_in + 1)),
-      start_rayleigh=np.zeros(d_out))}
-  plan = grow.select(spectrum, budget=10**6)
-  return grow.grow(problem.variables, plan, spectrum, mode="split")["params"]
+  spectrum = random_spectrum(problem.variables, layer_filter=lambda p: p == "blocks_0/mlp/fc1")
+  variables = problem.variables
+  for unit in ("gated", "linear"):
+    plan = grow.select(spectrum, budget=10**6, rule="random", unit=unit, rng=0)
+    variables = grow.grow(variables, plan, spectrum)
+  return variables["params"]
 
 
 def test_decay_mask():
@@ -75,17 +74,19 @@ def test_decay_mask():
   mask = {jax.tree_util.keystr(k): v
           for k, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
   decayed = {k for k, v in mask.items() if v}
-  expected = {k for k in mask if k.endswith("['kernel']") or k.endswith("['units0_r']")}
+  expected = {k for k in mask if k.endswith(("['kernel']", "['units0_r']", "['units1_w']"))}
   assert decayed == expected
   # What that covers, by name: every kernel (patch embedding, qkv, proj, fc1, fc2, head) and
-  # the unit directions; none of biases, norms, position embedding, class token, unit gains.
+  # the unit weights (gated r, linear w); none of biases, norms, position embedding, class
+  # token, unit gains or the linear units' offsets.
   for name in ("['patch_embed']['kernel']", "['blocks_1']['attn']['qkv']['kernel']",
                "['blocks_0']['mlp']['fc2']['kernel']", "['head']['kernel']",
-               "['blocks_0']['mlp']['fc1']['units0_r']"):
+               "['blocks_0']['mlp']['fc1']['units0_r']", "['blocks_0']['mlp']['fc1']['units1_w']"):
     assert mask[name], name
   for name in ("['pos_embed']", "['cls_token']", "['norm']['scale']", "['norm']['bias']",
                "['blocks_0']['norm1']['scale']", "['blocks_0']['attn']['qkv']['bias']",
-               "['blocks_0']['mlp']['fc1']['units0_a']", "['patch_embed']['bias']"):
+               "['blocks_0']['mlp']['fc1']['units0_a']", "['blocks_0']['mlp']['fc1']['units1_b']",
+               "['patch_embed']['bias']"):
     assert not mask[name], name
   # adamw applies it: with zero gradients the update is -lr * wd * param exactly where masked.
   lr, wd = 0.01, 0.05

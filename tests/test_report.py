@@ -14,7 +14,7 @@ import pytest
 
 from hetscale_jax import checkpoint, evidence, grow, plots, replicate, report, spec
 from hetscale_jax.layers import GROWTH_COLLECTION
-from hetscale_jax.splitting import Spectrum
+from hetscale_jax.splitting import random_spectrum
 
 from conftest import make_deit
 
@@ -31,15 +31,15 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-  """The replication study end to end at a tiny size: one seed of two rules and the static
-  reduced model, trained in worker processes as `python -m hetscale_jax.replicate` trains them
+  """The replication study end to end at a tiny size: one seed of the paper's text, the
+  released mechanism and the static reduced model, trained in worker processes as `python -m hetscale_jax.replicate` trains them
   (one event: the spectrum's compilation dominates a tiny run). Returns its workdir."""
   workdir = str(tmp_path_factory.mktemp("study"))
   config = tiny_config()
   config.growth.epochs = (1.0,)
   config.checkpoint_every_steps = 1000  # checkpoints: the growth event's and the last step's
   _, failed = replicate.run_study(config, workdir, seeds=1, jobs=1,
-                                  variants=["splitting", "random", "static_reduced"],
+                                  variants=["splitting", "authors", "static_reduced"],
                                   post_event_steps=5)
   assert failed == 0
   return workdir
@@ -54,31 +54,31 @@ def runs(study):
 def test_study_pairs_the_variants_until_the_growth_event(study):
   """Same initial parameters and batches: every variant's loss is the same at every step up to
   the event (and the step after it: exact growth), and the rules' parameters at the event are
-  the same; they then grow different neurons, and the report shows the paired comparison and
-  both figures."""
-  dirs = {v: replicate.run_dir(study, v, 0) for v in ("splitting", "random", "static_reduced")}
+  the same; they then grow different neurons with their own kind of unit, and the report shows
+  the paired comparison, the unit ablation and both figures."""
+  dirs = {v: replicate.run_dir(study, v, 0) for v in ("splitting", "authors", "static_reduced")}
   (event_step,) = [e["step"] for e in _summary(dirs["splitting"])["growth_events"]]
   losses = {v: evidence.train_losses(d) for v, d in dirs.items()}
   assert set(range(1, event_step + 1)) <= set(losses["splitting"])
   # Exact growth keeps the function: the step after the event still sees equal losses.
   same = range(1, event_step + 2)
-  for v in ("random", "static_reduced"):
+  for v in ("authors", "static_reduced"):
     assert [losses[v][s] for s in same] == [losses["splitting"][s] for s in same], v
-  assert losses["random"][event_step + 2] != losses["splitting"][event_step + 2]
+  assert losses["authors"][event_step + 2] != losses["splitting"][event_step + 2]
 
-  at_event = {v: checkpoint.read_step(dirs[v], event_step).variables for v in ("splitting", "random")}
+  at_event = {v: checkpoint.read_step(dirs[v], event_step).variables for v in ("splitting", "authors")}
   base = {v: {k: x for k, x in traverse_util.flatten_dict(at_event[v]["params"], sep="/").items()
               if not re.search(r"/units\d+_", k)} for v in at_event}
-  assert base["splitting"].keys() == base["random"].keys()
+  assert base["splitting"].keys() == base["authors"].keys()
   for name, value in base["splitting"].items():
-    np.testing.assert_array_equal(value, base["random"][name], err_msg=name)
+    np.testing.assert_array_equal(value, base["authors"][name], err_msg=name)
   neurons = {v: traverse_util.flatten_dict(at_event[v][GROWTH_COLLECTION], sep="/")
              for v in at_event}
-  assert any(k not in neurons["random"] or not np.array_equal(n, neurons["random"][k])
+  assert any(k not in neurons["authors"] or not np.array_equal(n, neurons["authors"][k])
              for k, n in neurons["splitting"].items())
 
   text = pathlib.Path(study, "replication.md").read_text()
-  assert "| top1 | random - splitting | 1 |" in text
+  assert "| top1 | authors - splitting | 1 |" in text
   for figure in ("forest.png", "loss_around_events.png"):
     assert pathlib.Path(study, figure).read_bytes()[:8] == PNG_MAGIC
 
@@ -103,6 +103,7 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
   text = out.read_text()
   grown, static = (_summary(w) for w in runs)
 
+  assert "unit ablation (every unit switched off)" in text
   for name, s in zip(NAMES, (grown, static)):
     row = _table_row(text, name)
     assert row[2] == f"{s['eval']['top1']:.2%}" and row[3] == f"{s['eval']['top5']:.2%}"
@@ -117,7 +118,8 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
   assert len(grown["growth_events"]) == 1 and not static["growth_events"]
   for event in grown["growth_events"]:
     row = _table_row(text, str(event["step"]))
-    assert row[2:4] == [f"{event['params_before']:,}", f"{event['params_after']:,}"]
+    assert row[1:5] == [event["rule"], event["unit"], f"{event['params_before']:,}",
+                        f"{event['params_after']:,}"]
   assert grown["params"] > grown["base_params"]
 
   images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -130,27 +132,11 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
       assert f.read(8) == PNG_MAGIC
 
 
-def _random_spectrum(variables, seed=0):
-  """A Spectrum of the right shapes for every GrowableDense (values irrelevant here)."""
-  rng = np.random.default_rng(seed)
-  kernels = spec.from_variables(variables)["layers"]
-  out = {}
-  for path, layer in kernels.items():
-    if path == "head":
-      continue
-    vecs = rng.normal(size=(layer["d_out"], layer["d_in"] + 1))
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    out[path] = Spectrum(eigvals=rng.normal(size=layer["d_out"]), eigvecs=vecs,
-                         residuals=np.zeros(layer["d_out"]), input_scale=np.float32(1.0),
-                         start_dirs=vecs, start_rayleigh=rng.normal(size=layer["d_out"]))
-  return out
-
-
 def _grown_tiny_deit(events=2):
   problem = make_deit()
   variables = problem.variables
   for event in range(events):
-    spectrum = _random_spectrum(variables, seed=event)
+    spectrum = random_spectrum(variables, seed=event)
     plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=event)
     variables = grow.grow(variables, plan, spectrum)
   return problem, variables
@@ -187,7 +173,7 @@ def test_units_per_neuron_counts_every_stage_and_the_event_figures_are_drawn(tmp
   variables = make_deit().variables
   expected = {}
   for step in (10, 20):
-    spectrum = _random_spectrum(variables, seed=step)
+    spectrum = random_spectrum(variables, seed=step)
     plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=step)
     variables = grow.grow(variables, plan, spectrum)
     plots.growth_event_figures(workdir, step, spectrum, plan, variables)

@@ -93,7 +93,7 @@ def run_scenario(data: int, fsdp: int) -> dict:
          "params0": _flat(state.params)}
 
   config.growth.budget_per_event = 400
-  grown, event = growth_event.grow_state(config, model, tx, state, batches[1:], events_left=1,
+  grown, event = growth_event.grow_state(config, model, tx, state, batches[1:], weights_left=[1.0],
                                          num_classes=info.num_classes,
                                          model_input=train.model_input(config))
   spectrum, plan = event.spectrum, event.plan

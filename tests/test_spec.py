@@ -8,23 +8,13 @@ import pytest
 from conftest import TINY_CLASSES, TINY_DEIT, TINY_IMG, make_deit
 from hetscale_jax import grow, layers, spec
 from hetscale_jax.models import deit
-from hetscale_jax.splitting import Spectrum
+from hetscale_jax.splitting import random_spectrum
 
 
 def _random_spectrum(variables, seed=0):
-  """Spectrum-shaped random directions for every grown layer (grow needs nothing else)."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for path in ("blocks_0/attn/qkv", "blocks_0/mlp/fc2", "blocks_1/mlp/fc1"):
-    node = variables["params"]
-    for key in path.split("/"):
-      node = node[key]
-    d_in, d_out = node["kernel"].shape
-    vecs = rng.normal(size=(d_out, d_in + 1))
-    out[path] = Spectrum(eigvals=rng.normal(size=d_out), eigvecs=vecs, residuals=np.zeros(d_out),
-                         input_scale=np.float64(1.0), start_dirs=vecs,
-                         start_rayleigh=np.zeros(d_out))
-  return out
+  """Random spectra of three layers (grow needs nothing else)."""
+  return random_spectrum(variables, seed, lambda path: path in (
+      "blocks_0/attn/qkv", "blocks_0/mlp/fc2", "blocks_1/mlp/fc1"))
 
 
 def _grown_twice():
@@ -32,9 +22,9 @@ def _grown_twice():
   spectrum = _random_spectrum(problem.variables)
   plan1 = grow.select(spectrum, budget=10**6, rule="random", max_layer_fraction=0.5, rng=0)
   once = grow.grow(problem.variables, plan1, spectrum)
-  # The second event grows only two of the layers.
+  # The second event grows only two of the layers, with the other kind of unit.
   plan2 = grow.select({p: spectrum[p] for p in ("blocks_0/attn/qkv", "blocks_1/mlp/fc1")},
-                      budget=10**6, rule="random", max_layer_fraction=0.25, rng=1)
+                      budget=10**6, rule="random", unit="linear", max_layer_fraction=0.25, rng=1)
   return problem, grow.grow(once, plan2, spectrum), (plan1, plan2)
 
 
@@ -48,13 +38,14 @@ def test_json_round_trip_rebuilds_abstract_variables():
   restored = spec.from_json(text)
   assert restored["layers"]["blocks_0/attn/qkv"]["units"] == [
       len(plan1.indices["blocks_0/attn/qkv"]), len(plan2.indices["blocks_0/attn/qkv"])]
+  assert restored["layers"]["blocks_0/attn/qkv"]["kinds"] == ["gated", "linear"]
   assert restored["layers"]["blocks_0/mlp/fc2"]["units"] == [len(plan1.indices["blocks_0/mlp/fc2"])]
   assert restored["layers"]["blocks_1/attn/proj"]["units"] == []
   base = jax.eval_shape(problem.model.init, jax.random.key(0), problem.batch[0])
   abstract = spec.abstract_variables(restored, base)
   assert jax.tree.structure(abstract) == jax.tree.structure(grown)
   assert _shape_tree(abstract) == _shape_tree(grown)
-  # Unit parameter count: d_in + 2 per unit.
+  # Unit parameter count: d_in + 2 per gated unit, 2 (d_in + 1) per linear one.
   grown_size = sum(x.size for x in jax.tree.leaves(grown["params"]))
   base_size = sum(x.size for x in jax.tree.leaves(base["params"]))
   assert spec.unit_params(restored) == grown_size - base_size == plan1.num_params + plan2.num_params
@@ -63,6 +54,16 @@ def test_json_round_trip_rebuilds_abstract_variables():
   assert _shape_tree(spec.abstract_variables(plain, base)) == _shape_tree(base)
   assert layers.GROWTH_COLLECTION not in spec.abstract_variables(plain, base)
   assert "units" in spec.describe(restored) and spec.describe(plain) == "(no units)"
+
+
+def test_format_1_spec_reads_as_gated_units():
+  _, grown, _ = _grown_twice()
+  current = spec.from_variables(grown)
+  gated_only = {p: {**layer, "kinds": ["gated"] * len(layer["units"])}
+                for p, layer in current["layers"].items()}
+  old = {"format": 1, "layers": {p: {k: v for k, v in layer.items() if k != "kinds"}
+                                 for p, layer in gated_only.items()}}
+  assert spec.from_json(spec.to_json(old)) == {"format": spec.FORMAT_VERSION, "layers": gated_only}
 
 
 def test_mismatched_base_widths_raise():

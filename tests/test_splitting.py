@@ -273,7 +273,7 @@ def assert_finite_and_exact_growth(model, variables, batch, spectrum, statistics
   assert sorted(spectrum) == ["dense_0", "out"]
   for path, s in spectrum.items():
     assert s.eigvals.shape == variables["params"][path]["bias"].shape, path
-    for name, value in vars(s).items():
+    for name, value in jax.tree_util.tree_leaves_with_path(s):  # the arrays, not the activation
       assert value.dtype == statistics_dtype, (path, name)
       assert np.all(np.isfinite(np.asarray(value))), (path, name)
   plan = grow.select(spectrum, 10_000, 0.0)
@@ -352,7 +352,7 @@ def test_default_num_iters_converges_on_deit_ti_shapes():
   relative, to_norm = np.concatenate(relative), np.concatenate(to_norm)
 
   # A growth event's choice with a budget of one neuron in ten, from Lanczos and from dense.
-  budget = sum(len(e) // 10 * grow.unit_cost(spectrum[p]) for p, e in exact.items())
+  budget = sum(len(e) // 10 * grow.spectrum_unit_cost(spectrum[p], "gated") for p, e in exact.items())
   dense = {p: s.replace(eigvals=jnp.asarray(exact[p][:, 0], jnp.float32)) for p, s in spectrum.items()}
   plan, dense_plan = grow.select(spectrum, budget), grow.select(dense, budget)
   chosen = np.concatenate([np.abs(np.asarray(spectrum[p].eigvals, np.float64)[i] - exact[p][i, 0])

@@ -91,3 +91,11 @@ def test_training_run_grows_by_the_plan_and_keeps_learning(tmp_path):
     assert json.load(f)["params"] == summary["params"]
   grown_units = sum(sum(layer["units"]) for layer in summary["architecture"]["layers"].values())
   assert grown_units == sum(sum(e["grown"].values()) for e in events)
+  # The unit ablation: the intact model is the final evaluation, every grown layer's units
+  # contribute, and switching them all off changes the test loss.
+  units = summary["unit_ablation"]
+  assert units["intact"] == {"loss": summary["eval"]["loss"], "top1": summary["eval"]["top1"]}
+  assert units["units_off"]["loss"] != units["intact"]["loss"]
+  assert set(units["contribution"]) == {p for p, layer in summary["architecture"]["layers"].items()
+                                        if layer["units"]}
+  assert all(v > 0 for v in units["contribution"].values())
