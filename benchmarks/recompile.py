@@ -56,7 +56,8 @@ def measure(config) -> list[dict]:
       params = spec.count_params(state.params)
       spectrum = common.random_spectrum(state.variables, g.layers, seed=event)
       plan = grow.select(spectrum, growth_event.event_budget(g, params, [1.0] * (num_events - event + 1)),
-                         rule="random", max_layer_fraction=g.max_layer_fraction, rng=event)
+                         rule="random", max_layer_fraction=g.max_layer_fraction,
+                         rng=jax.random.key(event))
       state = common.grow_state(trainer, state, plan, spectrum)
     compiled = trainer.compile(state, batch)
     start = time.perf_counter()

@@ -110,33 +110,41 @@ def scores(spectrum: dict[str, Spectrum], rule: str) -> dict[str, np.ndarray]:
   return out
 
 
+def _permutation(rng: jax.Array, n: int) -> np.ndarray:
+  return np.asarray(jax.random.permutation(rng, n))
+
+
 def _ranked(score: dict[str, np.ndarray], costs: dict[str, int], rule: str, threshold: float,
-            rng) -> list[tuple[str, int]]:
+            rng: jax.Array) -> list[tuple[str, int]]:
   """Every candidate (path, neuron) in the order the rule takes them."""
   paths = sorted(score)
   if rule == "uniform":
-    # Rounds over the layers, each giving its next best neuron: equal unit counts per layer
-    # for as long as budget and caps allow.
-    order = {p: np.argsort(score[p], kind="stable") for p in paths}
+    # Rounds over the layers, each giving its next neuron of a random order: equal unit
+    # counts per layer for as long as budget and caps allow, and no say in which neurons.
+    order = {p: _permutation(jax.random.fold_in(rng, i), len(score[p])) for i, p in enumerate(paths)}
     return [(p, int(order[p][k])) for k in range(max(map(len, order.values()), default=0))
             for p in paths if k < len(order[p])]
   candidates = [(p, j) for p in paths for j in range(len(score[p]))]
   if rule == "random":
-    return [candidates[i] for i in np.random.default_rng(rng).permutation(len(candidates))]
+    return [candidates[i] for i in _permutation(rng, len(candidates))]
   if rule in THRESHOLD_RULES:
     candidates = [(p, j) for p, j in candidates if score[p][j] < threshold]
   order = np.argsort([score[p][j] / costs[p] for p, j in candidates], kind="stable")
   return [candidates[i] for i in order]
 
 
-def _greedy_fill(candidates, budget, costs, caps) -> dict[str, list[int]]:
-  """Takes (path, neuron) in order while each fits the remaining budget and its layer's cap."""
+def _greedy_fill(candidates, budget, max_units, costs, caps) -> dict[str, list[int]]:
+  """Takes (path, neuron) in order while each fits the remaining budget, the unit count and
+  its layer's cap."""
   chosen = collections.defaultdict(list)
-  remaining = budget
+  remaining, units = budget, 0
   for path, neuron in candidates:
+    if units == max_units:
+      break
     if costs[path] <= remaining and len(chosen[path]) < caps[path]:
       chosen[path].append(neuron)
       remaining -= costs[path]
+      units += 1
   return chosen
 
 
@@ -153,11 +161,12 @@ def _first_layers_to_qualify(ranked, min_candidates: int, max_layers: int) -> se
   return set(qualified)
 
 
-def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *,
-           rule: str = "splitting", unit: str = "gated", allocation: str = "global",
-           max_layer_fraction: float = 0.25, min_candidates: int = 1,
-           max_layers_per_kind: int = 3, rng: np.random.Generator | int | None = None) -> Plan:
-  """Chooses neurons to grow within `budget` parameters of units of kind `unit`.
+def select(spectrum: dict[str, Spectrum], budget: int | None = None, threshold: float = 0.0, *,
+           max_units: int | None = None, rule: str = "splitting", unit: str = "gated",
+           allocation: str = "global", max_layer_fraction: float = 0.25, min_candidates: int = 1,
+           max_layers_per_kind: int = 3, rng: jax.Array | None = None) -> Plan:
+  """Chooses neurons to grow within `budget` parameters and/or `max_units` units of kind `unit`
+  (at least one of the two; with both, both hold).
 
   rule="splitting" (the paper's text): neurons whose normalised smallest eigenvalue is below
     `threshold`, most negative per parameter first.
@@ -167,15 +176,19 @@ def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *
     per parameter first.
   rule="grad_norm": the largest |dL/dq| of a linear unit at insertion, per parameter.
   rule="random": uniformly random neurons, no threshold.
-  rule="uniform": rounds over the layers, each taking its next most negative neuron (no
-    threshold): equal unit counts per layer while budget and caps allow.
+  rule="uniform": rounds over the layers, each taking its next neuron of a random order (no
+    criterion, no threshold): equal unit counts per layer while budget and caps allow.
   rule="first_order": largest |dL/da| for a random r (the Rayleigh quotient at the random
     Lanczos start), no threshold; the units then use that random r.
 
   allocation="global": one ranking over every layer spends the budget. allocation="by_kind":
-  the budget is split into equal quotas per layer kind (layer_kind); within a kind, the first
-  max_layers_per_kind layers to have min_candidates candidates in the ranking share its quota.
-  Every rule takes at most max_layer_fraction of one layer's neurons per event.
+  the budget (and max_units) is split into equal quotas per layer kind (layer_kind); within a
+  kind, the first max_layers_per_kind layers to have min_candidates candidates in the ranking
+  share its quota.
+  Every rule takes at most max_layer_fraction of one layer's neurons per event, and at least
+  one: a layer too small for the fraction to allow a whole neuron is never shut out.
+  `rng` (a JAX key, default key 0) orders the random and uniform rules: the same inputs always
+  give the same plan.
   """
   if rule not in RULES:
     raise ValueError(f"rule={rule!r}: choose one of {RULES}")
@@ -183,18 +196,23 @@ def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *
     raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
   if allocation not in ALLOCATIONS:
     raise ValueError(f"allocation={allocation!r}: choose one of {ALLOCATIONS}")
-  if budget < 0:
-    raise ValueError(f"budget={budget}: must be >= 0 parameters")
+  if budget is None and max_units is None:
+    raise ValueError("give budget (parameters), max_units (units), or both")
+  if (budget or 0) < 0 or (max_units or 0) < 0:
+    raise ValueError(f"budget={budget}, max_units={max_units}: must be >= 0")
   if not 0.0 < max_layer_fraction <= 1.0:
     raise ValueError(f"max_layer_fraction={max_layer_fraction}: must be in (0, 1]")
   if min_candidates < 1 or max_layers_per_kind < 1:
     raise ValueError(f"min_candidates={min_candidates}, max_layers_per_kind="
                      f"{max_layers_per_kind}: both must be >= 1")
+  budget = np.inf if budget is None else budget
+  max_units = np.inf if max_units is None else max_units
+  rng = jax.random.key(0) if rng is None else rng
   costs = {p: spectrum_unit_cost(s, unit) for p, s in spectrum.items()}
-  caps = {p: int(max_layer_fraction * s.eigvals.shape[0]) for p, s in spectrum.items()}
+  caps = {p: max(1, int(max_layer_fraction * s.eigvals.shape[0])) for p, s in spectrum.items()}
   ranked = _ranked(scores(spectrum, rule), costs, rule, threshold, rng)
   if allocation == "global":
-    chosen = _greedy_fill(ranked, budget, costs, caps)
+    chosen = _greedy_fill(ranked, budget, max_units, costs, caps)
   else:
     kinds = sorted({layer_kind(p) for p in spectrum})
     chosen = {}
@@ -202,16 +220,16 @@ def select(spectrum: dict[str, Spectrum], budget: int, threshold: float = 0.0, *
       mine = [(p, j) for p, j in ranked if layer_kind(p) == kind]
       eligible = _first_layers_to_qualify(mine, min_candidates, max_layers_per_kind)
       chosen.update(_greedy_fill([(p, j) for p, j in mine if p in eligible],
-                                 budget // len(kinds), costs, caps))
+                                 budget // len(kinds), max_units // len(kinds), costs, caps))
   indices = {p: np.sort(np.asarray(chosen[p], np.int32)) for p in sorted(chosen) if chosen[p]}
   direction = {"first_order": "random", "splitting_abs": "extreme"}.get(rule, "eigvec")
   return Plan(indices=indices, direction=direction, rule=rule, unit=unit,
               num_params=plan_params(indices, unit, spectrum))
 
 
-def _gated_stage(s: Spectrum, neurons, direction: str, mode: str, unit_scale: float, dtype):
-  """r = unit_scale * v / sqrt(mean |x~|^2) along the plan's direction; a = 0 (exact) or,
-  in split mode, the sign that takes the loss downhill, -sign(r^T S r)."""
+def _gated_units(s: Spectrum, neurons, direction: str, mode: str, unit_scale: float):
+  """(r, a): r = unit_scale * v / sqrt(mean |x~|^2) along the plan's direction; a = 0 (exact)
+  or, in split mode, the sign that takes the loss downhill, -sign(r^T S r)."""
   if direction == "random":
     vectors = np.asarray(s.start_dirs)
   else:
@@ -219,16 +237,9 @@ def _gated_stage(s: Spectrum, neurons, direction: str, mode: str, unit_scale: fl
     if direction == "extreme":
       larger = np.abs(np.asarray(s.eigvals_max)) > np.abs(np.asarray(s.eigvals))
       vectors = np.where(larger[:, None], np.asarray(s.eigvecs_max), vectors)
-  r = jnp.asarray(vectors[neurons] * (unit_scale / np.sqrt(float(s.input_scale))), dtype)
+  r = vectors[neurons] * (unit_scale / np.sqrt(float(s.input_scale)))
   gain = -np.sign(curvature(s, direction)[neurons]) if mode == "split" else np.zeros(len(neurons))
-  return {"r": r, "a": jnp.asarray(gain, dtype)}
-
-
-def _linear_stage(kernel, bias, neurons):
-  """p+/- = +/-LINEAR_INIT [w_j, b_j]: the unit's q = p+ + p- = 0, the function unchanged."""
-  row = jnp.concatenate([kernel[:, neurons].T[None], bias[neurons][None, :, None]], axis=-1)
-  p = jnp.concatenate([LINEAR_INIT * row, -LINEAR_INIT * row])
-  return {"w": p[..., :-1], "b": p[..., -1]}
+  return r, gain
 
 
 def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exact",
@@ -239,24 +250,61 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
   |r . x~| is about unit_scale whatever the layer's input scale. mode="exact": a = 0, the
   function is unchanged and dL/da = 1/2 |r|^2 r^T S r / |r|^2. mode="split": |a| = 1 with
   the sign that lowers the loss, the splitting step; the loss moves by about -1/2 |r^T S r|
-  per unit. Linear units are exact only: p+/- = +/-LINEAR_INIT [w_j, b_j].
+  per unit. Linear units are exact only: p+/- = +/-LINEAR_INIT [w_j, b_j], so q = 0.
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: choose one of {MODES}")
   if mode == "split" and plan.unit != "gated":
     raise ValueError(f"mode='split' needs gated units; the plan's are {plan.unit!r}")
   params = traverse_util.flatten_dict(variables["params"], sep="/")
-  stages = {}
+  units = {}
   for path, neurons in plan.indices.items():
     if f"{path}/kernel" not in params:
       raise KeyError(f"plan names layer {path!r}, which is not in the params")
-    kernel, bias = params[f"{path}/kernel"], params[f"{path}/bias"]
     if plan.unit == "gated":
-      unit_params = _gated_stage(spectrum[path], neurons, plan.direction, mode, unit_scale,
-                                 kernel.dtype)
+      units[path] = (neurons, *_gated_units(spectrum[path], neurons, plan.direction, mode,
+                                            unit_scale))
     else:
-      unit_params = _linear_stage(kernel, bias, neurons)
-    stages[path] = layers.UnitStage(plan.unit, jnp.asarray(neurons, jnp.int32), unit_params)
+      row = jnp.concatenate([params[f"{path}/kernel"][:, neurons].T,
+                             params[f"{path}/bias"][neurons][:, None]], axis=-1)
+      units[path] = (neurons, LINEAR_INIT * row, -LINEAR_INIT * row)
+  return add_units(variables, units, plan.unit)
+
+
+def add_units(variables, units: dict, unit: str = "gated"):
+  """New variables with one stage of hand-placed units on each named layer (pure function).
+
+  unit="gated": units {path: (indices [n], directions r [n, d_in+1], gains a [n])}; with gains
+    0 the function is unchanged.
+  unit="linear": units {path: (indices [n], p_plus [n, d_in+1], p_minus [n, d_in+1])}; with
+    p_minus = -p_plus the function is unchanged.
+  Each row of a direction is [weights on x, offset]; indices are distinct neuron numbers.
+  Arrays are cast to the layer kernel's dtype. grow() is this with the directions a Plan and a
+  Spectrum give.
+  """
+  if unit not in UNITS:
+    raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  stages = {}
+  for path, (indices, first, second) in units.items():
+    if f"{path}/kernel" not in params:
+      raise KeyError(f"units name layer {path!r}, which is not in the params")
+    kernel = params[f"{path}/kernel"]
+    indices = np.asarray(indices, np.int32)
+    if len(np.unique(indices)) != len(indices) or np.any(indices < 0) or np.any(indices >= kernel.shape[1]):
+      raise ValueError(f"{path}: indices must be distinct neurons in [0, {kernel.shape[1]})")
+    first, second = (jnp.asarray(a, kernel.dtype) for a in (first, second))
+    if unit == "gated":
+      unit_params = {"r": first, "a": second}
+    else:
+      p = jnp.stack([first, second])
+      unit_params = {"w": p[..., :-1], "b": p[..., -1]}
+    expected = layers.unit_shapes(unit, len(indices), kernel.shape[0])
+    got = {field: tuple(value.shape) for field, value in unit_params.items()}
+    if got != expected:
+      raise ValueError(f"{path}: {unit} units of {len(indices)} neurons need shapes {expected}, "
+                       f"got {got}")
+    stages[path] = layers.UnitStage(unit, jnp.asarray(indices), unit_params)
   return layers.add_unit_stages(variables, stages)
 
 

@@ -129,7 +129,7 @@ def grow_state(config, model, tx, state, probe: list, *, weights_left: list[floa
   plan = grow.select(spectrum, event_budget(g, before, weights_left), g.threshold, rule=g.rule,
                      unit=g.unit, allocation=g.allocation, max_layer_fraction=g.max_layer_fraction,
                      min_candidates=g.min_candidates, max_layers_per_kind=g.max_layers_per_kind,
-                     rng=config.seed + step)
+                     rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), step))
   record = {"step": step, "params_before": before, "plan_params": plan.num_params,
             "grown": plan.counts(), "rule": plan.rule, "unit": plan.unit,
             "seconds_spectrum": time.perf_counter() - start,

@@ -7,7 +7,7 @@ Two kinds of unit, on neuron j with output z_j (earlier units included) and x~ =
 
 The gated unit is the paper's text: exact at a = 0, where dL/da is second order in r. The
 linear unit is the authors' released one: exact at p+ = -p-, and its gradient at insertion is
-first order, (1 + s'(0)) dL/dz_j x~. The layer reads its units from the variables it is given,
+first order, (1 + s'(0)) dL/dy_j x~. The layer reads its units from the variables it is given,
 so a model built from GrowableDense never changes its code when it grows:
 
     gated   params/<layer>/units{k}_r   [n_k, d_in + 1]   direction of each unit of stage k

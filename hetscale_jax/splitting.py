@@ -346,6 +346,63 @@ def select_layers(found: dict[LayerPath, dict], layer_filter: LayerFilter) -> di
   return kept
 
 
+class SameComputation:
+  """A function as a static jit argument, equal to another whenever both compute the same:
+  the same code object with the same closure contents, defaults and globals (by identity), or
+  a functools.partial of such with the same arguments.
+
+  jax.jit keys a static argument by equality, and two function objects are never equal: a fresh
+  `lambda v, b: loss(model, v, b)` on every call would compile the spectrum anew each time
+  (seconds), although nothing it computes changed. Keyed by what the function computes instead,
+  a fresh closure over the same objects reuses the compiled program. Anything else that is
+  not a Python function is keyed by identity.
+  """
+
+  def __init__(self, fn: Callable):
+    self.fn = fn
+    self._key = self._identity(fn)
+
+  @classmethod
+  def _identity(cls, fn) -> tuple:
+    if isinstance(fn, functools.partial):
+      return ("partial", cls._identity(fn.func), tuple(map(_Same, fn.args)),
+              tuple(sorted((k, _Same(v)) for k, v in fn.keywords.items())))
+    code = getattr(fn, "__code__", None)
+    if code is None or not hasattr(fn, "__globals__"):
+      return ("object", _Same(fn))
+    cells = tuple(_Same(c.cell_contents) for c in fn.__closure__ or ())
+    defaults = tuple(map(_Same, fn.__defaults__ or ()))
+    keyword_defaults = tuple(sorted((k, _Same(v)) for k, v in (fn.__kwdefaults__ or {}).items()))
+    return ("function", code, cells, defaults, keyword_defaults, _Same(fn.__globals__))
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, SameComputation) and self._key == other._key
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+
+class _Same:
+  """Compares numbers and strings by value, anything else by identity (an array or a model
+  that is another object may hold other values); holds the object, so that its id is not
+  reused meanwhile."""
+
+  _BY_VALUE = (bool, int, float, complex, str, bytes, type(None))
+
+  def __init__(self, obj):
+    self.obj = obj
+    self._key = (type(obj), obj) if isinstance(obj, self._BY_VALUE) else id(obj)
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Same) and self._key == other._key
+
+
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "method", "layer_filter"))
 def _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter=None):
   # The layers of the first batch: loss_fn takes one batch, never the list.
@@ -402,8 +459,12 @@ def splitting_spectrum(loss_fn: LossFn, variables, batch, *, num_iters: int = DE
   (fast, holds the probe's activations) or "streamed" (memory of one training step).
 
   layer_filter(path) -> bool, e.g. of "blocks_0/attn/qkv", says which layers to compute
-  (None: all); the others cost nothing and are absent from the result. It is a static
-  argument of the compiled spectrum: pass the same function object each time to reuse it.
+  (None: all); the others cost nothing and are absent from the result.
+
+  The spectrum compiles once per model, loss, batch shapes and settings: loss_fn and
+  layer_filter are keyed by what they compute (SameComputation), so a fresh closure such as
+  `lambda v, b: loss(model, v, b)` on every call reuses the compiled program as long as it
+  closes over the same objects.
   A kept layer starts from the same vectors whatever the filter; with method "streamed" the
   random vectors that restart a broken-down sequence depend on which layers are kept.
   """
@@ -412,4 +473,5 @@ def splitting_spectrum(loss_fn: LossFn, variables, batch, *, num_iters: int = DE
   if num_iters < 1:
     raise ValueError(f"num_iters={num_iters}: must be >= 1")
   rng = jax.random.key(0) if rng is None else rng
-  return _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter)
+  return _spectrum(SameComputation(loss_fn), variables, batch, rng, num_iters, method,
+                   None if layer_filter is None else SameComputation(layer_filter))

@@ -83,6 +83,11 @@ def _big_spectrum(seed=0):
   return spectrum
 
 
+def cap(fraction, d_out):
+  """A layer's cap per event: the fraction of its neurons, at least one."""
+  return max(1, int(fraction * d_out))
+
+
 @pytest.mark.parametrize("allocation", grow.ALLOCATIONS)
 @pytest.mark.parametrize("unit", grow.UNITS)
 @pytest.mark.parametrize("rule", grow.RULES)
@@ -91,14 +96,14 @@ def _big_spectrum(seed=0):
 def test_every_rule_honours_budget_and_cap(rule, unit, allocation, budget, fraction):
   spectrum = _big_spectrum()
   plan = grow.select(spectrum, budget=budget, rule=rule, unit=unit, allocation=allocation,
-                     max_layer_fraction=fraction, rng=1)
+                     max_layer_fraction=fraction, rng=jax.random.key(1))
   assert plan.rule == rule and plan.unit == unit
   assert plan.num_params <= budget
   assert plan.num_params == sum(len(i) * grow.spectrum_unit_cost(spectrum[p], unit)
                                 for p, i in plan.indices.items())
   for path, index in plan.indices.items():
     d_out = spectrum[path].eigvals.shape[0]
-    assert len(index) <= int(fraction * d_out)
+    assert len(index) <= cap(fraction, d_out)
     assert len(set(index.tolist())) == len(index) and np.all(np.diff(index) > 0)  # sorted, unique
     assert index.dtype == np.int32 and index.min() >= 0 and index.max() < d_out
   if allocation == "by_kind":  # here every layer is a kind of its own: a quota each
@@ -112,27 +117,30 @@ def test_every_rule_honours_budget_and_cap(rule, unit, allocation, budget, fract
     left = budget - plan.num_params
     for path, count in counts.items():
       if count < max(counts.values()) - 1:
-        assert (count == int(fraction * spectrum[path].eigvals.shape[0])
+        assert (count == cap(fraction, spectrum[path].eigvals.shape[0])
                 or grow.spectrum_unit_cost(spectrum[path], unit) > left), (path, counts)
   if budget == 10_000 and fraction == 0.25 and rule not in grow.THRESHOLD_RULES:
     # Rules without a threshold fill every layer to its cap when the budget allows.
-    assert {p: len(i) for p, i in plan.indices.items()} == {p: int(0.25 * s.eigvals.shape[0])
+    assert {p: len(i) for p, i in plan.indices.items()} == {p: cap(0.25, s.eigvals.shape[0])
                                                           for p, s in spectrum.items()}
 
 
 def test_rule_specifics():
   spectrum = _big_spectrum()
   # random: reproducible per seed, different across seeds, takes positive eigenvalues too.
-  a = grow.select(spectrum, budget=10_000, rule="random", rng=3)
-  b = grow.select(spectrum, budget=10_000, rule="random", rng=3)
-  c = grow.select(spectrum, budget=10_000, rule="random", rng=4)
+  a = grow.select(spectrum, budget=10_000, rule="random", rng=jax.random.key(3))
+  b = grow.select(spectrum, budget=10_000, rule="random", rng=jax.random.key(3))
+  c = grow.select(spectrum, budget=10_000, rule="random", rng=jax.random.key(4))
   assert chosen(a) == chosen(b) and chosen(a) != chosen(c)
   assert any(np.any(spectrum[p].eigvals[i] > 0) for p, i in a.indices.items())
-  # uniform: each layer's own most negative eigenvalues.
-  plan = grow.select(spectrum, budget=10_000, rule="uniform")
-  for path, index in plan.indices.items():
-    expected = np.sort(np.argsort(spectrum[path].eigvals, kind="stable")[:len(index)])
-    np.testing.assert_array_equal(index, expected)
+  # uniform: no criterion. Reversing every layer's scores changes nothing, and equal counts.
+  plan = grow.select(spectrum, budget=300, rule="uniform", rng=jax.random.key(5))
+  reversed_spectrum = {p: jax.tree.map(lambda a: a[::-1] if np.ndim(a) else a, s)
+                       for p, s in spectrum.items()}
+  assert chosen(grow.select(reversed_spectrum, budget=300, rule="uniform",
+                            rng=jax.random.key(5))) == chosen(plan)
+  assert max(plan.counts().values()) - min(plan.counts().values()) <= 1
+  assert chosen(grow.select(spectrum, budget=300, rule="uniform", rng=jax.random.key(6))) != chosen(plan)
   # first_order: the largest |r^T S r| / input scale per parameter, along the random r.
   plan = grow.select(spectrum, budget=10_000, rule="first_order", max_layer_fraction=1.0)
   assert plan.direction == "random"
@@ -149,6 +157,8 @@ def test_select_rejects_bad_arguments():
     grow.select(spectrum, budget=10, rule="largest")
   with pytest.raises(ValueError, match="budget"):
     grow.select(spectrum, budget=-1)
+  with pytest.raises(ValueError, match="give budget"):
+    grow.select(spectrum)
   for fraction in (0.0, 1.5):
     with pytest.raises(ValueError, match="max_layer_fraction"):
       grow.select(spectrum, budget=10, max_layer_fraction=fraction)
@@ -214,7 +224,7 @@ def test_gain_gradient_is_half_r_squared_lambda(x64, model):
   problem = float64_problem(model)
   spectrum = exact_spectrum(problem)
   # Every neuron of every layer (both signs of lambda), not only the chosen few.
-  plan = grow.select(spectrum, budget=10**9, rule="random", max_layer_fraction=1.0, rng=0)
+  plan = grow.select(spectrum, budget=10**9, rule="random", max_layer_fraction=1.0, rng=jax.random.key(0))
   errors, relative = [], []
   for unit_scale in (0.2, 0.1):
     grown = grow.grow(problem.variables, plan, spectrum, mode="exact", unit_scale=unit_scale)
@@ -244,7 +254,7 @@ def test_split_mode_loss_drop_matches_prediction(x64, model):
   plans = {"eigenvectors": grow.select(spectrum, budget=10**9, threshold=0.0,
                                        max_layer_fraction=1.0),
            "random": grow.select(spectrum, budget=10**9, rule="first_order", max_layer_fraction=1.0,
-                                 rng=0)}
+                                 rng=jax.random.key(0))}
   assert plans["random"].direction == "random"
   base = float(jit_loss(problem.loss_fn, problem.variables, problem.batch))
   for name, plan in plans.items():
@@ -271,7 +281,7 @@ def test_split_mode_loss_drop_matches_prediction(x64, model):
 def test_growing_twice_stacks_a_second_stage(x64):
   problem = make_mlp(jnp.float64)
   spectrum = exact_spectrum(problem)
-  plan = grow.select(spectrum, budget=10**9, rule="random", max_layer_fraction=0.5, rng=0)
+  plan = grow.select(spectrum, budget=10**9, rule="random", max_layer_fraction=0.5, rng=jax.random.key(0))
   once = grow.grow(problem.variables, plan, spectrum, mode="split", unit_scale=0.5)
   # The second spectrum sees the first stage's units in z (a = 1, so they matter).
   spectrum2 = exact_spectrum(problem, once)
@@ -285,7 +295,7 @@ def test_growing_twice_stacks_a_second_stage(x64):
   assert any(relative_change > 1e-3 for relative_change in (
       np.max(np.abs(stats2[p][1] - stats_once[p][1])) for p in plan.indices))
   # Every neuron that grew before may grow again: use all neurons.
-  plan2 = grow.select(spectrum2, budget=10**9, rule="random", max_layer_fraction=1.0, rng=1)
+  plan2 = grow.select(spectrum2, budget=10**9, rule="random", max_layer_fraction=1.0, rng=jax.random.key(1))
   twice = grow.grow(once, plan2, spectrum2, mode="exact")
   summary = spec.from_variables(twice)["layers"]
   for path in spectrum:
@@ -353,7 +363,7 @@ def test_migrate_opt_state_and_first_update_of_new_parameters(which):
               for p, s in _shapes_only_spectrum(variables).items()}
   rng = np.random.default_rng(0)
   spectrum = {p: s.replace(eigvecs=_unit_rows(rng, s.eigvecs.shape)) for p, s in spectrum.items()}
-  plan = grow.select(spectrum, budget=10**9, rule="random", max_layer_fraction=0.5, rng=0)
+  plan = grow.select(spectrum, budget=10**9, rule="random", max_layer_fraction=0.5, rng=jax.random.key(0))
   grown = grow.grow(variables, plan, spectrum, mode="exact")
   new_state = grow.migrate_opt_state(tx, opt_state, grown["params"])
 

@@ -49,7 +49,7 @@ def test_every_unit_kind_leaves_the_function_unchanged_at_insertion(x64, model):
   variables = problem.variables
   for stage, unit in enumerate(("gated", "linear", "linear")):
     plan = grow.select(spectrum, budget=10**9, rule="random", unit=unit, max_layer_fraction=1.0,
-                       rng=0)
+                       rng=jax.random.key(0))
     grown = grow.grow(variables, plan, spectrum)
     assert float(jnp.max(jnp.abs(apply(grown) - apply(variables)))) <= 1e-12, (stage, unit)
     # The new stage is in the computation: moved off its insertion value, it changes the logits.
@@ -66,7 +66,7 @@ def test_linear_unit_gradient_at_insertion_is_one_and_a_half_delta_x(x64, model)
   problem = float64_problem(model)
   spectrum = exact_spectrum(problem)
   plan = grow.select(spectrum, budget=10**9, rule="random", unit="linear", max_layer_fraction=0.5,
-                     rng=1)
+                     rng=jax.random.key(1))
   grown = grow.grow(problem.variables, plan, spectrum)
   grads = params_grad(problem.loss_fn, grown, problem.batch)
   stats = capture_layer_statistics(problem.loss_fn, problem.variables, problem.batch)
@@ -203,7 +203,7 @@ def test_switching_every_unit_off_gives_the_ungrown_function(x64):
   variables = problem.variables
   for unit in ("gated", "linear"):
     plan = grow.select(spectrum, budget=10**9, rule="random", unit=unit, max_layer_fraction=0.5,
-                       rng=2)
+                       rng=jax.random.key(2))
     variables = perturbed_units(grow.grow(variables, plan, spectrum))
   apply = jax.jit(lambda v: problem.model.apply(v, problem.batch[0]))
   before = apply(problem.variables)

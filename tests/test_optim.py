@@ -64,7 +64,7 @@ def _grown_deit_params():
   spectrum = random_spectrum(problem.variables, layer_filter=lambda p: p == "blocks_0/mlp/fc1")
   variables = problem.variables
   for unit in ("gated", "linear"):
-    plan = grow.select(spectrum, budget=10**6, rule="random", unit=unit, rng=0)
+    plan = grow.select(spectrum, budget=10**6, rule="random", unit=unit, rng=jax.random.key(0))
     variables = grow.grow(variables, plan, spectrum)
   return variables["params"]
 

@@ -137,7 +137,8 @@ def _grown_tiny_deit(events=2):
   variables = problem.variables
   for event in range(events):
     spectrum = random_spectrum(variables, seed=event)
-    plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=event)
+    plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5,
+                       rng=jax.random.key(event))
     variables = grow.grow(variables, plan, spectrum)
   return problem, variables
 
@@ -174,7 +175,8 @@ def test_units_per_neuron_counts_every_stage_and_the_event_figures_are_drawn(tmp
   expected = {}
   for step in (10, 20):
     spectrum = random_spectrum(variables, seed=step)
-    plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5, rng=step)
+    plan = grow.select(spectrum, budget=300, rule="random", max_layer_fraction=0.5,
+                       rng=jax.random.key(step))
     variables = grow.grow(variables, plan, spectrum)
     plots.growth_event_figures(workdir, step, spectrum, plan, variables)
     for path, neurons in plan.indices.items():

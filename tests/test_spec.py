@@ -20,11 +20,11 @@ def _random_spectrum(variables, seed=0):
 def _grown_twice():
   problem = make_deit()
   spectrum = _random_spectrum(problem.variables)
-  plan1 = grow.select(spectrum, budget=10**6, rule="random", max_layer_fraction=0.5, rng=0)
+  plan1 = grow.select(spectrum, budget=10**6, rule="random", max_layer_fraction=0.5, rng=jax.random.key(0))
   once = grow.grow(problem.variables, plan1, spectrum)
   # The second event grows only two of the layers, with the other kind of unit.
   plan2 = grow.select({p: spectrum[p] for p in ("blocks_0/attn/qkv", "blocks_1/mlp/fc1")},
-                      budget=10**6, rule="random", unit="linear", max_layer_fraction=0.25, rng=1)
+                      budget=10**6, rule="random", unit="linear", max_layer_fraction=0.25, rng=jax.random.key(1))
   return problem, grow.grow(once, plan2, spectrum), (plan1, plan2)
 
 
