@@ -215,12 +215,13 @@ def select(spectrum: dict[str, Spectrum], budget: int | None = None, threshold: 
     chosen = _greedy_fill(ranked, budget, max_units, costs, caps)
   else:
     kinds = sorted({layer_kind(p) for p in spectrum})
+    share = lambda total: total if np.isinf(total) else total // len(kinds)  # a quota per kind
     chosen = {}
     for kind in kinds:
       mine = [(p, j) for p, j in ranked if layer_kind(p) == kind]
       eligible = _first_layers_to_qualify(mine, min_candidates, max_layers_per_kind)
-      chosen.update(_greedy_fill([(p, j) for p, j in mine if p in eligible],
-                                 budget // len(kinds), max_units // len(kinds), costs, caps))
+      chosen.update(_greedy_fill([(p, j) for p, j in mine if p in eligible], share(budget),
+                                 share(max_units), costs, caps))
   indices = {p: np.sort(np.asarray(chosen[p], np.int32)) for p in sorted(chosen) if chosen[p]}
   direction = {"first_order": "random", "splitting_abs": "extreme"}.get(rule, "eigvec")
   return Plan(indices=indices, direction=direction, rule=rule, unit=unit,

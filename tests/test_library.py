@@ -35,15 +35,18 @@ def test_readme_research_example_runs_as_written():
   kinds = {layers.stage_kind(variables["params"][p], k) for p in ("hidden", "out")
            for k in range(layers.num_stages(variables["params"][p]))}
   assert kinds == {"gated", "linear"}
-  assert sum(namespace["grow"].select(namespace["spectrum"], max_units=8).counts().values()) == 8
+  assert sum(grow.select(namespace["spectrum"], max_units=8).counts().values()) == 8
   np.testing.assert_allclose(model.apply(namespace["ungrown"], x),
                              model.apply(model.init(jax.random.key(2), x), x), rtol=0, atol=1e-6)
   # Growth kept the function: the grown model computes what the initial one did.
   np.testing.assert_allclose(model.apply(variables, x), model.apply(namespace["ungrown"], x),
                              rtol=0, atol=1e-5)
-  # The one-compile pattern: another fresh closure over the same model reuses the program.
+  # The one-compile pattern: a fresh closure over the same model reuses the program.
+  spectrum_of = lambda: grow.splitting_spectrum(lambda v, b: namespace["loss"](model, v, b),
+                                                variables, (x, y))
+  spectrum_of()
   before = splitting._spectrum._cache_size()  # pylint: disable=protected-access
-  namespace["grow"].splitting_spectrum(lambda v, b: namespace["loss"](model, v, b), variables, (x, y))
+  spectrum_of()
   assert splitting._spectrum._cache_size() == before  # pylint: disable=protected-access
 
 
