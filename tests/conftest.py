@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from hetscale_jax import checkpoint
 from hetscale_jax.layers import GrowableDense
 from hetscale_jax.models import deit
 
@@ -42,6 +43,12 @@ def cast_floats(tree, dtype):
   """Every floating leaf of `tree` in `dtype` (integer leaves such as unit indices stay)."""
   return jax.tree.map(
       lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def read_checkpoint(workdir: str, step: int) -> checkpoint.Final:
+  """The checkpoint of `step` in `workdir`, read as checkpoint.read_latest reads the newest."""
+  with checkpoint._reader(workdir) as (manager, _):
+    return checkpoint._read_step(manager, step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from hetscale_jax import checkpoint, evidence, grow, plots, replicate, report, s
 from hetscale_jax.layers import GROWTH_COLLECTION
 from hetscale_jax.splitting import Spectrum
 
-from conftest import make_deit
+from conftest import make_deit, read_checkpoint
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +66,7 @@ def test_study_pairs_the_variants_until_the_growth_event(study):
     assert [losses[v][s] for s in same] == [losses["splitting"][s] for s in same], v
   assert losses["random"][event_step + 2] != losses["splitting"][event_step + 2]
 
-  at_event = {v: checkpoint.read_step(dirs[v], event_step).variables for v in ("splitting", "random")}
+  at_event = {v: read_checkpoint(dirs[v], event_step).variables for v in ("splitting", "random")}
   base = {v: {k: x for k, x in traverse_util.flatten_dict(at_event[v]["params"], sep="/").items()
               if not re.search(r"/units\d+_", k)} for v in at_event}
   assert base["splitting"].keys() == base["random"].keys()
