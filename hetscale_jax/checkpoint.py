@@ -313,3 +313,6 @@ def _read_step(manager, step: int) -> Final:
   _verify(variables, run["checksums"])
   return Final(step, jax.device_get(variables), architecture, config)
 
+
+# Transitional, until replicate.py and report.py reach the workdir through workdir.py (issue 26).
+claim_workdir, CONFIG_FILE = workdir_lib.claim, workdir_lib.CONFIG_FILE

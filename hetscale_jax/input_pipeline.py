@@ -35,6 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from hetscale_jax import augment
+from hetscale_jax import datasets
 from hetscale_jax import prepare_imagenet100
 from hetscale_jax.datasets import EMBEDDED, DatasetInfo, check_batch_fits, embedded_splits
 
@@ -252,3 +253,7 @@ def eval_batches(data_config, *, global_batch_size: int, process_index: int | No
   positions = tf.data.Dataset.from_tensor_slices(positions)
   return _finish(positions, example, local, data_config.prefetch).as_numpy_iterator()
 
+
+def steps_per_epoch(data_config, global_batch_size: int) -> int:
+  """Transitional, until replicate.py calls datasets.steps_per_epoch with its info (issue 26)."""
+  return datasets.steps_per_epoch(dataset_info(data_config), global_batch_size)

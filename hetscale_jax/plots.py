@@ -172,3 +172,6 @@ def training_figure(by_kind: dict[str, list[dict]]) -> Figure:
       ax.axvline(g["step"], color="gray", ls="--", lw=0.8)
   return fig
 
+
+# Transitional, until report.py and evidence.py read metrics from writers (issue 26).
+read_metrics = writers.read_metrics
