@@ -92,9 +92,10 @@ def check_field_path(config, path: str) -> None:
   `config` (what a command-line override may set), with the closest field."""
   group, prefix = config, "config"
   for key in path.split("."):
-    if not isinstance(group, ml_collections.ConfigDict) or key not in group:
-      raise _unknown_field(prefix, key, group if isinstance(group, ml_collections.ConfigDict)
-                           else ml_collections.ConfigDict())
+    if not isinstance(group, ml_collections.ConfigDict):
+      raise ConfigError(f"{prefix} is a value, not a group of fields: {prefix}.{key} does not exist")
+    if key not in group:
+      raise _unknown_field(prefix, key, group)
     group, prefix = group[key], f"{prefix}.{key}"
 
 
@@ -128,7 +129,7 @@ def validate(config) -> None:
   What needs the data (model.patch_size dividing the image size) is checked by
   `check_against_data` once the dataset's metadata is read, still before any work.
   """
-  reference = base_config(config.data.name)
+  reference = base_config()
   reference.lock()
   _check_fields(config, reference)
   m, g, o = config.model, config.growth, config.optim

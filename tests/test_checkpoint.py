@@ -5,12 +5,11 @@ resumed, a run killed (SIGKILL, some kills during a save) and stopped (SIGTERM) 
 over, and a run resumed past a damaged checkpoint must all end with the reference's params,
 bit for bit. Bad inputs are refused and leave the workdir as it was.
 
-Compiling dominates the time here, so every run shares a persistent compilation cache (in
-pytest's cache folder, so later sessions start warm).
+Compiling dominates the time here, so every run shares a persistent compilation cache
+(conftest.xla_cache), and the reference is the session's tiny_run, which test_train reads too.
 """
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -23,7 +22,6 @@ import time
 
 import flax
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 import numpy as np
 import pytest
@@ -31,37 +29,19 @@ import pytest
 from hetscale_jax import checkpoint, config_lib, datasets, export, input_pipeline, sharding, spec, train
 from hetscale_jax import workdir as workdir_lib
 
-from conftest import POISON_PIXEL, poison_saturated_images
+from conftest import POISON_PIXEL, TINY_RUN_GROUP, poison_saturated_images, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STOP_STEP = 30  # after the first growth event (step 22), before the second (44)
 
 
-def tiny_config():
-  module_spec = importlib.util.spec_from_file_location("tiny_test", REPO / "configs" / "tiny_test.py")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config()
+pytestmark = TINY_RUN_GROUP
 
 
-@pytest.fixture(scope="module")
-def xla_cache(request, tmp_path_factory):
-  """A persistent compilation cache for this module's runs, in process and in subprocesses."""
-  cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-  path = str(cache.mkdir("hetscale_jax_xla") if cache else tmp_path_factory.mktemp("xla"))
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", path)
-  compilation_cache.reset_cache()  # the cache is set up at the first compile of the process
-  yield path
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def reference(xla_cache, tmp_path_factory):
+@pytest.fixture
+def reference(tiny_run):
   """(workdir, summary) of the uninterrupted run."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+  return tiny_run
 
 
 @pytest.fixture(scope="module")

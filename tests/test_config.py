@@ -1,7 +1,6 @@
 """Configs: every shipped config validates, bad values name their field, sizes are exact."""
 
 import importlib.util
-import pathlib
 import re
 import subprocess
 import sys
@@ -13,15 +12,7 @@ import pytest
 from hetscale_jax import config_lib
 from hetscale_jax.models import deit
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_config(name, *args):
-  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
-
+from conftest import CONFIG_DIR, load_config
 
 def test_configs_build_and_validate_without_tensorflow():
   # A fresh interpreter: this one has long imported TensorFlow for the input pipelines.
@@ -154,6 +145,7 @@ def load_main():
      r"config\.growth\.budget_per_evnt; did you mean config\.growth\.budget_per_event\?"),
     (["--config", str(CONFIG_DIR / "tiny_test.py"), "--config.grwth.rule=random"],
      r"unknown config field config\.grwth; did you mean config\.growth\?"),
+    (["--config.batch_size.x=1"], r"config\.batch_size is a value, not a group of fields"),
 ])
 def test_unknown_command_line_field_is_named_before_the_flags_are_parsed(argv, message):
   main = load_main()
