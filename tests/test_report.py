@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import re
-from unittest import mock
 
 from flax import traverse_util
 import jax
@@ -30,12 +29,9 @@ def study(tmp_path_factory):
   config = tiny_config()
   config.growth.epochs = (1.0,)
   config.checkpoint_every_steps = 1000  # checkpoints: the growth event's and the last step's
-  # The workers start afresh and compiling dominates their runs: LLVM's optimisations
-  # change no number the tests compare, since every run of the study is compiled alike.
-  with mock.patch.dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0"):
-    _, failed = replicate.run_study(config, workdir, seeds=1, jobs=1,
-                                    variants=["splitting", "random", "static_reduced"],
-                                    post_event_steps=5)
+  _, failed = replicate.run_study(config, workdir, seeds=1, jobs=1,
+                                  variants=["splitting", "random", "static_reduced"],
+                                  post_event_steps=5)
   assert failed == 0
   return workdir
 

@@ -36,7 +36,7 @@ import pytest
 
 from hetscale_jax import distributed, growth_event, input_pipeline, sharding, train
 
-from conftest import tiny_config
+from conftest import FAST_COMPILE, tiny_config
 
 MESHES = {"1": (1, 1), "data8": (8, 1), "fsdp4": (2, 4), "fsdp8": (1, 8)}  # (data, fsdp)
 # FSDP over all 8 devices runs once, in the two processes, where it also splits params and
@@ -124,9 +124,7 @@ def subprocess_main(output: str, meshes: list[str]):
 def _environment(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"}
-  flags = [f"--xla_force_host_platform_device_count={devices}",
-           # Compiling dominates these runs; LLVM's optimisations change no number compared.
-           "--xla_backend_optimization_level=0"]
+  flags = [f"--xla_force_host_platform_device_count={devices}", FAST_COMPILE]
   # jaxlib's CPU eigh waits for helper tasks on the thread pool that runs it: one eigh per
   # device at once deadlocks a pool no larger than the number of devices (NPROC sizes it).
   return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), "NPROC": str(4 * devices),
