@@ -21,9 +21,9 @@ def _params(seed=0):
 def test_scale_by_adam_per_param_equals_optax_without_growth(jit):
   """Same moments and updates as optax.scale_by_adam, to float32 rounding.
 
-  Not bit for bit, and not through any fault of ours: optax's jitted bias correction lets XLA
-  turn t / c into t * (1 / c) depending on the tree it is given (1 ulp), and under jit the
-  moment updates b1 m + (1 - b1) g and optax's (1 - b1) g + b1 m contract into FMAs
+  Not bit for bit, though both use optax's tree helpers: its jitted bias correction lets XLA
+  turn t / c into t * (1 / c) depending on the tree it is given (ours corrects leaf by leaf,
+  optax the whole tree: 1 ulp), and under jit XLA fuses the two optimizers' moment updates
   differently (1 ulp on the moments). 1 ulp of float32 is up to 1.2e-7 relative.
   """
   ours, stock = optim.scale_by_adam_per_param(), optax.scale_by_adam()
