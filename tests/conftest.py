@@ -89,12 +89,6 @@ def xla_cache(request, tmp_path_factory):
 TINY_RUN_GROUP = pytest.mark.xdist_group("tiny_run")
 
 
-def pytest_collection_modifyitems(items):
-  """Tests of an xdist group (each shares an expensive fixture) first, in collection order:
-  each group then starts at the beginning of the run, not on a worker near its end."""
-  items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
-
-
 @pytest.fixture(scope="session")
 def tiny_run(xla_cache, tmp_path_factory):
   """(workdir, summary) of the tiny config trained uninterrupted: every test reads it, none

@@ -17,9 +17,6 @@ from hetscale_jax.splitting import Spectrum
 
 from conftest import make_deit, read_checkpoint, tiny_config
 
-# One worker runs the study (module fixture) for all of this module's tests.
-pytestmark = pytest.mark.xdist_group("study")
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

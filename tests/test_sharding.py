@@ -44,8 +44,6 @@ MESHES = {"1": (1, 1), "data8": (8, 1), "fsdp4": (2, 4), "fsdp8": (1, 8)}  # (da
 ONE_PROCESS = ("1", "data8", "fsdp4")
 TWO_PROCESSES = ("fsdp8",)
 LOSS_TOL, PARAM_TOL, EIG_TOL, EVAL_RTOL = 1e-5, 2e-5, 1e-5, 1e-6
-# One worker starts the sharded runs (the results fixture) and runs every test that reads them.
-pytestmark = pytest.mark.xdist_group("sharding")
 
 
 def one_block_config():
