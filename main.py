@@ -8,6 +8,7 @@ of another run is refused, and --fresh starts a new run in a new sub-workdir of 
 
 import logging as std_logging
 import os
+import re
 import sys
 
 # TensorFlow only feeds data here: keep its start-up chatter out of the progress lines.
@@ -17,6 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+# The parser DEFINE_config_file uses, public in the module that defines it.
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 import tensorflow as tf
 
 from hetscale_jax import checkpoint
@@ -24,14 +27,40 @@ from hetscale_jax import config_lib
 from hetscale_jax import distributed
 from hetscale_jax import input_pipeline
 from hetscale_jax import train
+from hetscale_jax import workdir as workdir_lib
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"), "Training config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go "
-                    "(default: workdirs/<config name>).")
-flags.DEFINE_bool("fresh", False, "Start a new run even if --workdir holds one: in a new "
-                  "sub-workdir <workdir>/fresh_<n>, leaving what is there untouched.")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+
+
+def config_file(argv: list[str]) -> str:
+  """The config file (with its ":variant") that --config names in argv, else the default."""
+  for i, arg in enumerate(argv):
+    if re.fullmatch(r"--?config", arg) and i + 1 < len(argv):
+      return argv[i + 1]
+    if match := re.fullmatch(r"--?config=(.*)", arg):
+      return match.group(1)
+  return _DEFAULT_CONFIG
+
+
+def check_overrides(argv: list[str]) -> None:
+  """ConfigError naming the first --config.<field> of argv that the config does not have.
+
+  Run before the flags are defined: ml_collections parses the overrides then and would stop
+  at an unknown one with a bare KeyError naming only its last key.
+  """
+  config = ConfigFileFlagParser("config").parse(config_file(argv))
+  for arg in argv[1:]:
+    if match := re.match(r"--?(?:no)?config\.([^=]+)", arg):
+      config_lib.check_field_path(config, match.group(1))
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go "
+                      "(default: workdirs/<config name>).")
+  flags.DEFINE_bool("fresh", False, "Start a new run even if --workdir holds one: in a new "
+                    "sub-workdir <workdir>/fresh_<n>, leaving what is there untouched.")
 
 
 def _not_orbax_info(record) -> bool:
@@ -53,10 +82,15 @@ def main(argv):
   logging.info("config:\n%s", config)
   try:
     train.train_and_evaluate(config, workdir, fresh=flags.FLAGS.fresh)
-  except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, checkpoint.WorkdirError,
+  except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, workdir_lib.WorkdirError,
           checkpoint.CheckpointError, train.NonFiniteError) as e:
     sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+  try:
+    check_overrides(sys.argv)
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
+  define_flags()
   app.run(main)

@@ -1,22 +1,19 @@
-"""Checkpoints of a (growing) training run, and the workdir that holds them (docs/method.md, "Checkpoints of a growing model").
+"""Orbax checkpoints of a (growing) training run (docs/method.md, "Checkpoints of a growing model").
 
-    ckpt = Checkpointer(workdir, config)   # refuses a workdir of another run, before any work
+    workdir.claim(path, config)            # first: refuses a workdir of another run
+    ckpt = Checkpointer(path, config)
     restored = ckpt.restore(abstract_state)  # newest usable checkpoint, or None in a new workdir
     ckpt.save(state, growth_events)        # asynchronous; ckpt.preempted(step) after SIGTERM
     ckpt.close()
 
-Workdir layout:
-
-  config.json           the run's config, written when the workdir is claimed. A later run on
-                        this workdir must have the same config, RESUMABLE_FIELDS aside.
-  checkpoints/<step>/   orbax, one directory per checkpoint, each with four items:
-      state             the TrainState: step (also the data position: train_batches(start_step=
-                        step) resumes the stream exactly), params, growth, opt_state, rng
-      architecture      spec.from_variables: the grown model, read before the state
-      config            the run's config
-      run               growth events so far (summary.json's list) and the state's checksums
-  corrupt_checkpoints/  newer checkpoints that failed to restore, moved out of the way of the
-                        steps the resumed run saves again; nothing is deleted
+In <workdir>/checkpoints/<step>/ (the rest of the workdir's layout: workdir.py), four items:
+  state             the TrainState: step (also the data position: train_batches(start_step=
+                    step) resumes the stream exactly), params, growth, opt_state, rng
+  architecture      spec.from_variables: the grown model, read before the state
+  config            the run's config
+  run               growth events so far (summary.json's list) and the state's checksums
+Checkpoints that fail to restore are moved to <workdir>/corrupt_checkpoints/, out of the way of
+the steps the resumed run saves again; nothing is deleted.
 
 Safety. A checkpoint is written to a temporary directory and renamed when complete (orbax's
 atomic rename), so a hard kill at any moment leaves the complete ones usable; a restart clears
@@ -36,115 +33,20 @@ import time
 from typing import Any, Callable
 
 from etils import epath
-from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from hetscale_jax import spec
+from hetscale_jax import workdir as workdir_lib
+from hetscale_jax.workdir import CHECKPOINTS, CORRUPT, WorkdirError
 
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
-CORRUPT = "corrupt_checkpoints"
-FRESH_PREFIX = "fresh_"
 _ITEMS = ("state", "architecture", "config", "run")
-
-# Config fields a resumed run may change: where and how often it reports and saves, and how
-# the devices and data are reached. Any other difference means another run.
-RESUMABLE_FIELDS = ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
-                    "keep_checkpoints", "compilation_cache_dir", "mesh.fsdp", "data.prefetch",
-                    "data.data_dir", "data.manual_dir")
-
-
-class WorkdirError(RuntimeError):
-  """The workdir holds something else than this run; nothing in it was changed."""
 
 
 class CheckpointError(RuntimeError):
   """No checkpoint of the workdir could be restored."""
-
-
-# ---------------------------------------------------------------------------- the workdir
-
-def config_dict(config) -> dict:
-  """The config as plain JSON data (tuples become lists), as stored in the workdir."""
-  return json.loads(config.to_json(sort_keys=True))
-
-
-def config_differences(stored: dict, current: dict) -> list[str]:
-  """'field: stored -> current' for every field that differs, RESUMABLE_FIELDS aside."""
-  old, new = (traverse_util.flatten_dict(c, sep=".") for c in (stored, current))
-  missing = "(absent)"
-  return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
-          for k in sorted(old.keys() | new.keys())
-          if k not in RESUMABLE_FIELDS and old.get(k, missing) != new.get(k, missing)]
-
-
-def _refuse_other_config(where: str, stored: dict, current: dict):
-  differences = config_differences(stored, current)
-  if differences:
-    raise WorkdirError(
-        f"{where} belongs to a run of another config (workdir -> this run): "
-        f"{'; '.join(differences)}. Resume it with its own config, or start this run in a new "
-        "--workdir (main.py --fresh picks a new sub-workdir).")
-
-
-def _require_local(workdir: str) -> None:
-  # Metrics, plots and summaries are written with Python's file functions, which would turn
-  # gs://bucket/run into a local directory named "gs:".
-  if "://" in workdir:
-    raise WorkdirError(
-        f"workdir {workdir}: URLs are not supported; nothing was written. Mount the bucket "
-        "(e.g. `gcsfuse BUCKET /mnt/BUCKET` on every worker) and pass the mounted path.")
-
-
-def claim_workdir(workdir: str, config) -> None:
-  """Makes `workdir` this run's: fine if new, empty or holding a run of the same config.
-
-  Raises WorkdirError, having written nothing, if it is a URL, or holds another config's run
-  or files that are not a run. Otherwise writes config.json (if missing) before any training.
-  """
-  _require_local(workdir)
-  path = epath.Path(workdir)
-  marker = path / CONFIG_FILE
-  current = config_dict(config)
-  if marker.exists():
-    try:
-      stored = json.loads(marker.read_text())
-    except ValueError as e:
-      raise WorkdirError(f"{marker} is not a readable config ({e}); nothing was changed") from None
-    _refuse_other_config(f"workdir {workdir}", stored, current)
-    return
-  # A claim killed before its rename leaves only the temporary file: still an unclaimed workdir.
-  temporary = marker.parent / (CONFIG_FILE + ".tmp")
-  if path.exists() and any(p.name != temporary.name for p in path.iterdir()):
-    raise WorkdirError(
-        f"workdir {workdir} is not empty and holds no hetscale_jax run ({CONFIG_FILE} is "
-        "missing); nothing was changed. Choose a new or empty --workdir (main.py --fresh picks "
-        "a new sub-workdir).")
-  if jax.process_index() == 0:
-    path.mkdir(parents=True, exist_ok=True)
-    temporary.write_text(json.dumps(current, indent=1, sort_keys=True))
-    temporary.rename(marker)
-  multihost_utils.sync_global_devices("hetscale_jax claim_workdir")
-
-
-def fresh_workdir(workdir: str) -> str:
-  """`workdir` if it is new or empty, else its first free sub-workdir fresh_1, fresh_2, ...:
-  a place for a new run that touches nothing of what `workdir` holds."""
-  _require_local(workdir)
-  path = epath.Path(workdir)
-  chosen = workdir
-  if path.exists() and any(path.iterdir()):
-    n = 1
-    while (path / f"{FRESH_PREFIX}{n}").exists():
-      n += 1
-    chosen = str(path / f"{FRESH_PREFIX}{n}")
-  # Every process of a multi-host run looks before any claims (and creates) the one chosen:
-  # a process still looking after another's claim would pick the next sub-workdir.
-  multihost_utils.sync_global_devices("hetscale_jax fresh_workdir")
-  return chosen
 
 
 # ---------------------------------------------------------------------------- checksums
@@ -235,7 +137,7 @@ class Restored:
 class Checkpointer:
   """The run's checkpoints in `workdir`/checkpoints: see the module docstring.
 
-  Claims the workdir on construction (WorkdirError if it holds another run). Saves are
+  The workdir must be claimed first (workdir.claim). Saves are
   asynchronous: orbax copies the arrays to host memory before `save` returns (its default,
   synchronous device-to-host transfer), so the train step may donate the state right after.
   In a single process, SIGTERM only sets a flag that `preempted` reports, so that the loop
@@ -244,9 +146,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, config):
-    claim_workdir(workdir, config)
     self._workdir = epath.Path(workdir)
-    self._config = config_dict(config)
+    self._config = workdir_lib.config_dict(config)
     # cleanup_tmp_directories: removes what a save killed midway left behind.
     self._manager = _manager(self._workdir / CHECKPOINTS, max_to_keep=config.keep_checkpoints,
                              save_interval_steps=config.checkpoint_every_steps,
@@ -309,7 +210,7 @@ class Checkpointer:
 
   def _restore_step(self, step: int, abstract_state) -> Restored:
     architecture, config, run = _read_json_items(self._manager, step)
-    _refuse_other_config(f"checkpoint {step} in {self._workdir}", config, self._config)
+    workdir_lib.refuse_other_config(f"checkpoint {step} in {self._workdir}", config, self._config)
     try:
       abstract = abstract_state(architecture)
     except ValueError as e:  # spec.abstract_variables: base widths differ from the model's
@@ -370,15 +271,6 @@ def read_latest(workdir: str) -> Final:
   if final is None:
     raise CheckpointError(f"none of the checkpoints {steps} in {directory} could be read")
   return final
-
-
-def read_step(workdir: str, step: int) -> Final:
-  """The checkpoint of `step`, as read_latest reads it; CheckpointError if there is none."""
-  with _reader(workdir) as (manager, directory):
-    if step not in manager.all_steps():
-      raise CheckpointError(f"{directory} holds no checkpoint of step {step} (it has "
-                            f"{manager.all_steps()})")
-    return _read_step(manager, step)
 
 
 @contextlib.contextmanager

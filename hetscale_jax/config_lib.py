@@ -4,6 +4,8 @@ Config files start from `base_config()` and override fields; `validate(config)` 
 unknown field or a bad value with an error naming the field and what is allowed.
 """
 
+import difflib
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -87,16 +89,42 @@ class ConfigError(ValueError):
   pass
 
 
-def _check_known_fields(config, reference, prefix="config"):
-  for key in config.keys():
+def _unknown_field(prefix: str, key: str, group) -> ConfigError:
+  close = difflib.get_close_matches(key, list(group.keys()), n=1)
+  suggestion = f"did you mean {prefix}.{close[0]}? " if close else ""
+  return ConfigError(f"unknown config field {prefix}.{key}; {suggestion}fields of {prefix}: "
+                     f"{sorted(group.keys())}")
+
+
+def check_field_path(config, path: str) -> None:
+  """ConfigError naming the first key of the dotted `path` ("growth.rule") that is no field of
+  `config` (what a command-line override may set), with the closest field."""
+  group, prefix = config, "config"
+  for key in path.split("."):
+    if not isinstance(group, ml_collections.ConfigDict):
+      raise ConfigError(f"{prefix} is a value, not a group of fields: {prefix}.{key} does not exist")
+    if key not in group:
+      raise _unknown_field(prefix, key, group)
+    group, prefix = group[key], f"{prefix}.{key}"
+
+
+def _check_fields(config, reference, prefix="config"):
+  """Sets every field of `config` on `reference`, a locked base_config: the locked ConfigDict
+  refuses a field it lacks and a value of another type."""
+  for key, value in config.items():
     name = f"{prefix}.{key}"
-    if key not in reference:
-      raise ConfigError(f"unknown config field {name}; fields of {prefix}: {sorted(reference.keys())}")
-    if isinstance(reference[key], ml_collections.ConfigDict) and name != "config.data":
-      # config.data's fields depend on the dataset: datasets checks them.
-      if not isinstance(config[key], ml_collections.ConfigDict):
-        raise ConfigError(f"{name} must be a group of fields {sorted(reference[key].keys())}")
-      _check_known_fields(config[key], reference[key], name)
+    if name == "config.data":  # its fields depend on the dataset: datasets checks them
+      continue
+    try:
+      if isinstance(value, ml_collections.ConfigDict) and isinstance(
+          reference.get(key), ml_collections.ConfigDict):
+        _check_fields(value, reference[key], name)
+      else:
+        reference[key] = value
+    except (AttributeError, KeyError):
+      raise _unknown_field(prefix, key, reference) from None
+    except TypeError as e:
+      raise ConfigError(f"{name}={value!r} is invalid: {e}") from None
 
 
 def _require(ok: bool, field: str, value, allowed: str):
@@ -110,7 +138,9 @@ def validate(config) -> None:
   What needs the data (model.patch_size dividing the image size) is checked by
   `check_against_data` once the dataset's metadata is read, still before any work.
   """
-  _check_known_fields(config, base_config())
+  reference = base_config()
+  reference.lock()
+  _check_fields(config, reference)
   m, g, o = config.model, config.growth, config.optim
   _require(m.variant in deit.VARIANTS, "model.variant", m.variant,
            f"choose one of {list(deit.VARIANTS)}")
@@ -189,8 +219,10 @@ def check_against_data(config, info: datasets.DatasetInfo) -> None:
   size = info.image_shape[0]
   _require(size % config.model.patch_size == 0, "model.patch_size", config.model.patch_size,
            f"must divide the {info.name} image size {size}")
-  _require(config.batch_size <= info.num_train, "batch_size", config.batch_size,
-           f"must be at most the {info.num_train} {info.name} training images")
+  try:
+    datasets.check_batch_fits(info.name, info.num_train, config.batch_size)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
 
 
 def check_against_devices(config, num_devices: int) -> None:

@@ -175,6 +175,19 @@ def validate_data_config(data_config) -> None:
       raise ValueError(f"config.data.{field}={data_config[field]!r}: must be {allowed}")
 
 
+def check_batch_fits(name: str, num_train: int, batch_size: int) -> None:
+  """ValueError unless an epoch of `name`'s num_train images holds at least one global batch."""
+  if not 0 < batch_size <= num_train:
+    raise ValueError(f"batch_size={batch_size}: must be in [1, {num_train}], the size of "
+                     f"{name}'s train split")
+
+
+def steps_per_epoch(info: DatasetInfo, batch_size: int) -> int:
+  """Global batches per epoch, num_train // batch_size: the last, partial batch is dropped."""
+  check_batch_fits(info.name, info.num_train, batch_size)
+  return info.num_train // batch_size
+
+
 # ---------------------------------------------------------------------------------------------
 # The embedded datasets, and the normalisation of every dataset.
 

@@ -14,7 +14,11 @@ from collections.abc import Mapping
 import os
 
 import jax
-from jax._src import cloud_tpu_init
+
+try:  # private: JAX has no public "is this a Cloud TPU VM"; see on_cloud_tpu_vm
+  from jax._src import cloud_tpu_init as _cloud_tpu_init
+except ImportError:
+  _cloud_tpu_init = None
 
 
 def launcher(environ: Mapping[str, str], on_cloud_tpu: bool) -> str | None:
@@ -35,6 +39,14 @@ def launcher(environ: Mapping[str, str], on_cloud_tpu: bool) -> str | None:
   return None
 
 
+def on_cloud_tpu_vm() -> bool:
+  """Whether jax found TPU chips on the PCI bus when it was imported: the test jax's own cluster
+  detection uses, and one that needs neither a device nor the network. A jax that moved this
+  private flag gives False: a pod slice then joins through the launcher variables
+  (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
+  return bool(getattr(_cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
 def initialize_arguments(environ: Mapping[str, str]) -> dict:
   """The process count and id a launcher named; jax detects whatever is not named (and reads
   JAX_COORDINATOR_ADDRESS itself)."""
@@ -45,9 +57,7 @@ def initialize_arguments(environ: Mapping[str, str]) -> dict:
 def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
   """Initializes jax.distributed if this is one process of several; returns the launcher."""
   environ = os.environ if environ is None else environ
-  # Set when jax was imported, from the TPU chips on the PCI bus: the test jax's own cluster
-  # detection uses, and one that needs neither a device nor the network.
-  kind = launcher(environ, cloud_tpu_init.running_in_cloud_tpu_vm)
+  kind = launcher(environ, on_cloud_tpu_vm())
   if kind is not None:
     jax.distributed.initialize(**initialize_arguments(environ))
   return kind

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 import numpy as np
 from scipy import stats
 
-from hetscale_jax import plots, report
+from hetscale_jax import report, writers
 
 SPLIT_CHECK_SCALE = 1e6  # split-check losses are reported per million added parameters
 
@@ -30,7 +30,7 @@ SPLIT_CHECK_SCALE = 1e6  # split-check losses are reported per million added par
 
 def train_losses(workdir: str) -> dict[int, float]:
   """{step: training loss} of a run's metrics.jsonl."""
-  return {r["step"]: r["loss"] for r in plots.read_metrics(workdir)["train"]}
+  return {r["step"]: r["loss"] for r in writers.read_metrics(workdir)["train"]}
 
 
 def post_event_loss(losses: dict[int, float], event_step: int, k: int) -> float:

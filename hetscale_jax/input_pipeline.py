@@ -36,7 +36,7 @@ import tensorflow_datasets as tfds
 
 from hetscale_jax import augment
 from hetscale_jax import prepare_imagenet100
-from hetscale_jax.datasets import EMBEDDED, DatasetInfo, embedded_splits, validate_data_config
+from hetscale_jax.datasets import EMBEDDED, DatasetInfo, check_batch_fits, embedded_splits
 
 EVAL_SPLIT = {"digits": "test", "mnist5k": "test", "cifar100": "test", "imagenet100": "validation"}
 
@@ -101,7 +101,6 @@ def _load_split(data_config, split: str) -> tuple[np.ndarray | list[str], np.nda
 
 def dataset_info(data_config) -> DatasetInfo:
   """Sizes and shapes, from metadata only; DatasetNotFoundError if the data is missing."""
-  validate_data_config(data_config)
   name = data_config.name
   if name in EMBEDDED:
     splits = embedded_splits(name)
@@ -115,21 +114,6 @@ def dataset_info(data_config) -> DatasetInfo:
   metadata = prepare_imagenet100.read_metadata(_imagenet100_dir(data_config))
   return DatasetInfo(name, len(metadata["wnids"]), shape, metadata["num_examples"]["train"],
                      metadata["num_examples"]["validation"])
-
-
-def steps_per_epoch(data_config, global_batch_size: int) -> int:
-  """num_train // global_batch_size: the last, partial batch of an epoch is dropped."""
-  num_train = dataset_info(data_config).num_train
-  _check_fits(data_config, global_batch_size, num_train)
-  return num_train // global_batch_size
-
-
-def _check_fits(data_config, global_batch_size: int, num_train: int) -> None:
-  """An epoch holds at least one global batch (config_lib.check_against_data says the same of
-  config.batch_size; this guards callers that pass a batch size of their own)."""
-  if not 0 < global_batch_size <= num_train:
-    raise ValueError(f"global_batch_size={global_batch_size}: must be in [1, {num_train}], the "
-                     f"size of {data_config.name}'s train split")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +205,10 @@ def train_batches(data_config, *, global_batch_size: int, seed: int, start_step:
   local = global_batch_size // process_count. Batch `step` depends only on (data_config, seed,
   step).
   """
-  validate_data_config(data_config)
   process_index, local = _local_batch(global_batch_size, process_index, process_count)
   images, labels = _load_split(data_config, "train")
   num_examples = len(labels)
-  _check_fits(data_config, global_batch_size, num_examples)
+  check_batch_fits(data_config.name, num_examples, global_batch_size)
   images, labels = tf.constant(images), tf.constant(labels)
   slots = np.arange(process_index * local, (process_index + 1) * local)
   transform = train_transform(data_config)
@@ -251,7 +234,6 @@ def eval_batches(data_config, *, global_batch_size: int, process_index: int | No
   "label" as train_batches gives them, and "mask" float32 [local] (0 for the padding of the last
   batch), so that every eval example is counted exactly once over all processes.
   """
-  validate_data_config(data_config)
   process_index, local = _local_batch(global_batch_size, process_index, process_count)
   images, labels = _load_split(data_config, EVAL_SPLIT[data_config.name])
   num_examples = len(labels)

@@ -18,25 +18,24 @@ class ScaleByAdamPerParamState(NamedTuple):
 
 def scale_by_adam_per_param(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                             ) -> optax.GradientTransformation:
-  """optax.scale_by_adam with one step count per parameter leaf instead of one shared."""
+  """optax.scale_by_adam, from optax's own tree helpers, with one step count per parameter leaf
+  instead of one shared: each leaf's bias correction uses its own count."""
 
   def init_fn(params):
     return ScaleByAdamPerParamState(
         count=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
-        mu=jax.tree.map(jnp.zeros_like, params),
-        nu=jax.tree.map(jnp.zeros_like, params))
+        mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params))
 
   def update_fn(updates, state, params=None):
     del params
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
-    count = jax.tree.map(lambda c: optax.safe_int32_increment(c), state.count)
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = jax.tree.map(optax.safe_int32_increment, state.count)
 
-    def step(m, v, c):
-      m_hat = m / (1 - b1 ** c.astype(m.dtype))
-      v_hat = v / (1 - b2 ** c.astype(v.dtype))
-      return m_hat / (jnp.sqrt(v_hat) + eps)
-    return jax.tree.map(step, mu, nu, count), ScaleByAdamPerParamState(count, mu, nu)
+    def corrected(moments, decay):
+      return jax.tree.map(lambda m, c: optax.tree.bias_correction(m, decay, c), moments, count)
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), corrected(mu, b1), corrected(nu, b2))
+    return updates, ScaleByAdamPerParamState(count, mu, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -27,16 +27,16 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from hetscale_jax import layers, spec, writers
+from hetscale_jax import workdir as workdir_lib
 
 FIGURE2_LAYERS = ("blocks_0/attn/qkv", "blocks_0/mlp/fc1")
-PLOTS_DIR = "plots"
 TRAINING = "training.png"
 UNITS = "units.png"
 GROWN, NOT_GROWN = "tab:red", "tab:blue"
 
 
 def plots_dir(workdir: str) -> str:
-  return os.path.join(workdir, PLOTS_DIR)
+  return os.path.join(workdir, workdir_lib.PLOTS_DIR)
 
 
 def eigenvalues_name(step: int) -> str:
@@ -143,20 +143,8 @@ def final_figures(workdir: str):
   if jax.process_index() != 0:
     return
   os.makedirs(plots_dir(workdir), exist_ok=True)
-  records = read_metrics(workdir)
+  records = writers.read_metrics(workdir)
   save(training_figure(records), os.path.join(plots_dir(workdir), TRAINING))
-
-
-def read_metrics(workdir: str) -> dict[str, list[dict]]:
-  """metrics.jsonl by kind ("train", "eval", "growth"), ordered by step.
-
-  A resumed run appends records for steps it replays; the last record of a (kind, step) wins.
-  """
-  latest = {}
-  for r in writers.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
-    latest[r["kind"], r["step"]] = r
-  return {kind: [latest[k] for k in sorted(k for k in latest if k[0] == kind)]
-          for kind in ("train", "eval", "growth")}
 
 
 def training_figure(by_kind: dict[str, list[dict]]) -> Figure:

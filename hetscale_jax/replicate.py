@@ -41,7 +41,6 @@ stdout), its figures to <workdir>/loss_around_events.png and <workdir>/forest.pn
 from concurrent import futures
 import contextlib
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -56,8 +55,9 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
-from hetscale_jax import (checkpoint, config_lib, evidence, growth_event, input_pipeline, plots,
+from hetscale_jax import (config_lib, datasets, evidence, growth_event, input_pipeline, plots,
                           report, train)
+from hetscale_jax import workdir as workdir_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = config_lib.VARIANTS
@@ -109,7 +109,7 @@ def train_one(config, workdir: str) -> dict:
   # tf.data only: a full TensorFlow install would otherwise reserve the GPUs' memory.
   tf.config.set_visible_devices([], "GPU")
   # Claimed before train.log goes into it: training refuses a workdir with files but no run.
-  checkpoint.claim_workdir(workdir, config)
+  workdir_lib.claim(workdir, config)
   with output_to(os.path.join(workdir, "train.log")):
     try:
       summary = train.train_and_evaluate(config, workdir)
@@ -141,18 +141,10 @@ def output_to(path: str):
         os.close(copy)
 
 
-def load_summary(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def run_all(configs: dict, jobs: int) -> dict:
   """Trains every (variant, seed) -> (config, workdir) lacking a summary; returns the
   summaries by (variant, seed), None for a failed run."""
-  summaries = {key: load_summary(d) for key, (_, d) in configs.items()}
+  summaries = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
   todo = [key for key, s in summaries.items() if s is None]
   print(f"{len(configs) - len(todo)} runs already done, {len(todo)} to train with {jobs} "
         "worker process(es)", flush=True)
@@ -279,7 +271,8 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
   """Trains what is missing of every (variant, seed) and writes the report (of the runs that
   finished); returns its text and the number of failed runs."""
   base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
-  sizes = train.model_sizes(base, input_pipeline.dataset_info(base.data))
+  info = input_pipeline.dataset_info(base.data)
+  sizes = train.model_sizes(base, info)
   # Seed by seed: a replication stopped early has about as many seeds of every variant.
   configs = {(v, s): (variant_config(base, v, s, sizes), run_dir(workdir, v, s))
              for s in range(seeds) for v in variants}
@@ -288,7 +281,7 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
   growth_config = base.copy_and_resolve_references()
   growth_config.growth.enabled = True
   event_steps = growth_event.event_steps(
-      growth_config, input_pipeline.steps_per_epoch(base.data, base.batch_size))
+      growth_config, datasets.steps_per_epoch(info, base.batch_size))
   lines = ["# Replication", ""] + settings(base, seeds, jobs, time.perf_counter() - start)
   lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).",
             "", "## Final results", ""] + table(configs, summaries, variants)

@@ -23,7 +23,8 @@ import os
 
 import ml_collections
 
-from hetscale_jax import ablation, checkpoint, input_pipeline, plots, spec
+from hetscale_jax import ablation, input_pipeline, plots, spec, writers
+from hetscale_jax import workdir as workdir_lib
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -57,16 +58,15 @@ def config_flops(config, architecture: dict) -> int | None:
 
 def load_run(workdir: str) -> dict:
   """summary.json, metrics by kind, config.json (or None) and the figures of one workdir."""
-  with open(os.path.join(workdir, "summary.json")) as f:
-    summary = json.load(f)
+  summary = workdir_lib.read_summary(workdir)
   config = None
-  if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
-    with open(os.path.join(workdir, checkpoint.CONFIG_FILE)) as f:
+  if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
       config = json.load(f)
   figures = [plots.TRAINING, plots.UNITS]
   figures += [plots.eigenvalues_name(e["step"]) for e in summary["growth_events"]]
   figures = [os.path.join(plots.plots_dir(workdir), f) for f in figures]
-  return {"workdir": workdir, "summary": summary, "metrics": plots.read_metrics(workdir),
+  return {"workdir": workdir, "summary": summary, "metrics": writers.read_metrics(workdir),
           "config": config, "figures": [f for f in figures if os.path.exists(f)],
           "flops": config_flops(config, summary["architecture"]) if config else None}
 
@@ -170,7 +170,7 @@ def main(argv=None):
   parser.add_argument("--out", default="report.md",
                       help="markdown file to write; figures are linked relative to it")
   args = parser.parse_args(argv)
-  missing = [w for w in args.workdir if not os.path.exists(os.path.join(w, "summary.json"))]
+  missing = [w for w in args.workdir if not os.path.exists(workdir_lib.summary_path(w))]
   if missing:
     parser.error(f"no summary.json in {missing}: not finished training workdirs")
   write_report(args.workdir, args.out)

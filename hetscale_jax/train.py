@@ -16,7 +16,6 @@ from collections.abc import Callable
 import dataclasses
 import functools
 import itertools
-import json
 import os
 import time
 from typing import Any
@@ -29,6 +28,7 @@ import optax
 
 from hetscale_jax import (ablation, checkpoint, config_lib, datasets, growth_event, input_pipeline,
                           layers, losses, optim, plots, sharding, spec, writers)
+from hetscale_jax import workdir as workdir_lib
 from hetscale_jax.models import deit
 
 
@@ -239,7 +239,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
   Returns None if the run stopped early, with a checkpoint to resume from: on SIGTERM, or at
   `stop_after_steps` (a stop that leaves the config, hence the schedule, unchanged). Bad
   inputs and a workdir of another run are refused before anything is written. `fresh` starts
-  a new run in a new sub-workdir of `workdir` if it holds anything (checkpoint.fresh_workdir).
+  a new run in a new sub-workdir of `workdir` if it holds anything (workdir.fresh).
   """
   config_lib.validate(config)
   info = input_pipeline.dataset_info(config.data)  # fails at once if the data is missing
@@ -250,15 +250,16 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
   if fresh:
-    workdir = checkpoint.fresh_workdir(workdir)
+    workdir = workdir_lib.fresh(workdir)
     print(f"fresh run in {workdir} (to resume it: --workdir {workdir}, without --fresh)")
+  workdir_lib.claim(workdir, config)
   with checkpoint.Checkpointer(workdir, config) as ckpt:
     return _train_and_evaluate(config, workdir, info, ckpt, stop_after_steps)
 
 
 def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointer,
                         stop_after_steps: int | None) -> dict | None:
-  steps_per_epoch = input_pipeline.steps_per_epoch(config.data, config.batch_size)
+  steps_per_epoch = datasets.steps_per_epoch(info, config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
   events = growth_event.event_steps(config, steps_per_epoch)
@@ -378,13 +379,13 @@ def report_growth(workdir: str, writer, event: growth_event.Event, state: TrainS
 
 def finished_summary(workdir: str, ckpt: checkpoint.Checkpointer, total_steps: int) -> dict | None:
   """The summary of a run this workdir already finished, or None."""
-  path = os.path.join(workdir, "summary.json")
-  if ckpt.latest_step() != total_steps or not os.path.exists(path):
+  if ckpt.latest_step() != total_steps:
     return None
-  print(f"{workdir} holds this run, finished ({total_steps} steps): nothing to do; "
-        f"summary in {path}", flush=True)
-  with open(path) as f:
-    return json.load(f)
+  summary = workdir_lib.read_summary(workdir)
+  if summary is not None:
+    print(f"{workdir} holds this run, finished ({total_steps} steps): nothing to do; "
+          f"summary in {workdir_lib.summary_path(workdir)}", flush=True)
+  return summary
 
 
 def write_summary(workdir: str, info, state: TrainState, last_eval: dict, total_steps: int,
@@ -394,9 +395,7 @@ def write_summary(workdir: str, info, state: TrainState, last_eval: dict, total_
   summary = {"dataset": info.name, "eval": last_eval, "params": spec.count_params(state.params),
              "base_params": base_params, "steps": total_steps, "growth_events": growth_log,
              "architecture": architecture, **extra}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1, default=float)
+  workdir_lib.write_summary(workdir, summary)
   plots.final_figures(workdir)
   print(f"\nfinal: top-1 {last_eval['top1']:.2%} (top-5 {last_eval['top5']:.2%}) on "
         f"{last_eval['count']} {info.name} test images; {summary['params']:,} params "

@@ -4,9 +4,9 @@
     writer.write_scalars(step, {"train/loss": 0.5, "train/lr": 1e-3})
     writer.close()
 
-clu's SummaryWriter writes TensorBoard's event files; `JsonlWriter` adds metrics.jsonl, which a
-script (plots, report, tests) reads back without TensorBoard. Only process 0 writes, so a
-multi-host run produces one copy.
+clu's SummaryWriter writes TensorBoard's event files; `JsonlWriter` adds metrics.jsonl, which
+`read_metrics` reads back without TensorBoard (for plots, report, evidence). Only process 0
+writes, so a multi-host run produces one copy.
 """
 
 from collections.abc import Mapping
@@ -17,6 +17,8 @@ from typing import Any
 
 from clu import metric_writers
 import jax
+
+from hetscale_jax import workdir as workdir_lib
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -74,10 +76,22 @@ def create(workdir: str) -> metric_writers.MetricWriter:
     return metric_writers.MultiWriter([])
   os.makedirs(workdir, exist_ok=True)
   return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+      metric_writers.SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR)),
+      JsonlWriter(os.path.join(workdir, workdir_lib.METRICS_FILE))])
 
 
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(workdir: str) -> dict[str, list[dict]]:
+  """metrics.jsonl by kind ("train", "eval", "growth"), ordered by step.
+
+  A resumed run appends records for steps it replays; the last record of a (kind, step) wins.
+  """
+  latest = {}
+  for r in read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE)):
+    latest[r["kind"], r["step"]] = r
+  return {kind: [latest[k] for k in sorted(k for k in latest if k[0] == kind)]
+          for kind in ("train", "eval", "growth")}

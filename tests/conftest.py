@@ -7,16 +7,26 @@ are written without the code under test, so that a test comparing the two can fa
 import contextlib
 import dataclasses
 import functools
+import importlib.util
+import os
+import pathlib
 from typing import Any, Callable
+
+# Compiling dominates the suite's time, and LLVM's optimisations change no number a test
+# compares: each compares computations compiled alike, or float64 references to a tolerance.
+# Set before JAX starts its CPU backend; the runs tests start as subprocesses inherit it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import flax.linen as nn
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from hetscale_jax import splitting
+from hetscale_jax import checkpoint, splitting, train
 from hetscale_jax.layers import GrowableDense
 from hetscale_jax.models import deit
 
@@ -43,6 +53,54 @@ def cast_floats(tree, dtype):
   """Every floating leaf of `tree` in `dtype` (integer leaves such as unit indices stay)."""
   return jax.tree.map(
       lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, *args):
+  """configs/<name>.py's get_config(*args)."""
+  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def tiny_config():
+  """configs/tiny_test.py: 88 steps with growth events at steps 22 and 44."""
+  return load_config("tiny_test")
+
+
+@pytest.fixture(scope="session")
+def xla_cache(request, tmp_path_factory):
+  """A persistent compilation cache for the runs of the tiny config, in process and in
+  subprocesses (in pytest's cache folder, so later sessions start warm)."""
+  cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+  path = str(cache.mkdir("hetscale_jax_xla") if cache else tmp_path_factory.mktemp("xla"))
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", path)
+  compilation_cache.reset_cache()  # the cache is set up at the first compile of the process
+  yield path
+  jax.config.update("jax_compilation_cache_dir", previous)
+  compilation_cache.reset_cache()
+
+
+# Tests that use tiny_run carry this xdist group, so that one worker trains it for all of them.
+TINY_RUN_GROUP = pytest.mark.xdist_group("tiny_run")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(xla_cache, tmp_path_factory):
+  """(workdir, summary) of the tiny config trained uninterrupted: every test reads it, none
+  changes it."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+
+
+def read_checkpoint(workdir: str, step: int) -> checkpoint.Final:
+  """The checkpoint of `step` in `workdir`, read as checkpoint.read_latest reads the newest."""
+  with checkpoint._reader(workdir) as (manager, _):
+    return checkpoint._read_step(manager, step)
 
 
 # ---------------------------------------------------------------------------------------------

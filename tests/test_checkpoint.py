@@ -1,18 +1,16 @@
-"""Checkpoints and fault tolerance on the tiny config (2 growth events in 88 steps), grown by
-the released mechanism (row_sum, linear units, by_kind): linear units resume bit for bit too
-(gated ones are the tiny config's own, trained in test_train and test_report).
+"""Checkpoints and fault tolerance on the tiny config (2 growth events in 88 steps, grown by
+the released mechanism: linear units and by_kind quotas).
 
 One uninterrupted run is the reference. A run stopped after the first growth event and
 resumed, a run killed (SIGKILL, some kills during a save) and stopped (SIGTERM) over and
 over, and a run resumed past a damaged checkpoint must all end with the reference's params,
 bit for bit. Bad inputs are refused and leave the workdir as it was.
 
-Compiling dominates the time here, so every run shares a persistent compilation cache (in
-pytest's cache folder, so later sessions start warm).
+Compiling dominates the time here, so every run shares a persistent compilation cache
+(conftest.xla_cache), and the reference is the session's tiny_run, which test_train reads too.
 """
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -25,49 +23,26 @@ import time
 
 import flax
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 import numpy as np
 import pytest
 
 from hetscale_jax import checkpoint, config_lib, datasets, export, input_pipeline, sharding, spec, train
+from hetscale_jax import workdir as workdir_lib
 
-from conftest import POISON_PIXEL, poison_saturated_images
+from conftest import POISON_PIXEL, TINY_RUN_GROUP, poison_saturated_images, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STOP_STEP = 30  # after the first growth event (step 22), before the second (44)
 
 
-MECHANISM = config_lib.GROWN_VARIANTS["authors"]
+pytestmark = TINY_RUN_GROUP
 
 
-def tiny_config():
-  module_spec = importlib.util.spec_from_file_location("tiny_test", REPO / "configs" / "tiny_test.py")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config()
-  config.growth.update(MECHANISM)
-  return config
-
-
-@pytest.fixture(scope="module")
-def xla_cache(request, tmp_path_factory):
-  """A persistent compilation cache for this module's runs, in process and in subprocesses."""
-  cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-  path = str(cache.mkdir("hetscale_jax_xla") if cache else tmp_path_factory.mktemp("xla"))
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", path)
-  compilation_cache.reset_cache()  # the cache is set up at the first compile of the process
-  yield path
-  jax.config.update("jax_compilation_cache_dir", previous)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def reference(xla_cache, tmp_path_factory):
+@pytest.fixture
+def reference(tiny_run):
   """(workdir, summary) of the uninterrupted run."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  return workdir, train.train_and_evaluate(tiny_config(), workdir)
+  return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +61,7 @@ def copy_of(workdir, tmp_path) -> str:
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  directory = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  directory = os.path.join(workdir, workdir_lib.CHECKPOINTS)
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
@@ -117,7 +92,7 @@ def snapshot(workdir) -> dict:
 def restore_target(config):
   """train.abstract_state for `config`, as train_and_evaluate passes it to restore."""
   info = input_pipeline.dataset_info(config.data)
-  tx = train.create_optimizer(config, input_pipeline.steps_per_epoch(config.data, config.batch_size))
+  tx = train.create_optimizer(config, datasets.steps_per_epoch(info, config.batch_size))
   return functools.partial(train.abstract_state, config, train.create_model(config, info), tx,
                            info, sharding.make_mesh(1))
 
@@ -167,8 +142,7 @@ def test_checkpoint_after_growth_restores_the_grown_model(stopped):
 def _launch(workdir, xla_cache, log, *overrides):
   return subprocess.Popen(
       [sys.executable, "main.py", "--config", "configs/tiny_test.py", f"--workdir={workdir}",
-       f"--config.compilation_cache_dir={xla_cache}",
-       *[f"--config.growth.{field}={value}" for field, value in MECHANISM.items()], *overrides],
+       f"--config.compilation_cache_dir={xla_cache}", *overrides],
       cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -185,7 +159,7 @@ def _wait_for(condition, proc, timeout=120.0) -> bool:
 
 
 def _saving(workdir) -> bool:
-  directory = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  directory = os.path.join(workdir, workdir_lib.CHECKPOINTS)
   return os.path.isdir(directory) and any("orbax-checkpoint-tmp" in n for n in os.listdir(directory))
 
 
@@ -234,7 +208,7 @@ def test_killed_and_preempted_run_resumes_and_ends_as_the_uninterrupted_one(
       assert rc == -signal.SIGKILL, output
   assert killed_in_save, "the kill did not land in a save"
   assert len(resumed_at) == len(plan) - 1 and resumed_at == sorted(set(resumed_at)), resumed_at
-  assert not os.path.exists(os.path.join(workdir, checkpoint.CORRUPT))
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.CORRUPT))
   assert_bitwise_equal(final_variables(workdir), final_variables(reference[0]))
 
 
@@ -258,7 +232,7 @@ def _flip_bytes(data):
 
 
 def _damage(workdir, how):
-  newest = os.path.join(workdir, checkpoint.CHECKPOINTS, str(STOP_STEP))
+  newest = os.path.join(workdir, workdir_lib.CHECKPOINTS, str(STOP_STEP))
   if how == "truncated files":
     _damage_files(os.path.join(newest, "state"), _truncate)
   elif how == "flipped bytes":
@@ -266,7 +240,7 @@ def _damage(workdir, how):
   elif how == "state of another step":
     # Same shapes (both after the first event), other values: only the checksums can tell.
     shutil.rmtree(os.path.join(newest, "state"))
-    shutil.copytree(os.path.join(workdir, checkpoint.CHECKPOINTS, "22", "state"),
+    shutil.copytree(os.path.join(workdir, workdir_lib.CHECKPOINTS, "22", "state"),
                     os.path.join(newest, "state"))
   elif how == "truncated metadata":
     _damage_files(os.path.join(newest, "run"), _truncate)
@@ -283,7 +257,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(stopped, tmp_path,
   assert int(restored.state.step) == 22
   assert f"checkpoint at step {STOP_STEP} is unusable" in caplog.text
   assert checkpoint_steps(workdir) == [20, 22]
-  [moved] = os.listdir(os.path.join(workdir, checkpoint.CORRUPT))
+  [moved] = os.listdir(os.path.join(workdir, workdir_lib.CORRUPT))
   assert moved.startswith(f"{STOP_STEP}-")
 
 
@@ -299,7 +273,7 @@ def test_run_resumed_past_a_damaged_checkpoint_ends_as_the_uninterrupted_one(
 def test_no_restorable_checkpoint_is_an_error_that_moves_nothing(stopped, tmp_path):
   workdir = copy_of(stopped, tmp_path)
   for step in checkpoint_steps(workdir):
-    _damage_files(os.path.join(workdir, checkpoint.CHECKPOINTS, str(step), "run"), _truncate)
+    _damage_files(os.path.join(workdir, workdir_lib.CHECKPOINTS, str(step), "run"), _truncate)
   before = snapshot(workdir)
   config = tiny_config()
   with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints"):
@@ -336,7 +310,7 @@ def _other_config(c):
     (_negative_budget, config_lib.ConfigError, "growth.budget_per_event=-200 is invalid"),
     (_growth_past_the_end, config_lib.ConfigError, "growth epoch must be in"),
     (_missing_dataset, input_pipeline.DatasetNotFoundError, "cifar100 is not prepared"),
-    (_other_config, checkpoint.WorkdirError, r"another config .*model.mlp_dim: 16 -> 24"),
+    (_other_config, workdir_lib.WorkdirError, r"another config .*model.mlp_dim: 16 -> 24"),
 ])
 def test_bad_input_is_refused_and_changes_nothing(stopped, tmp_path, mutate, error, message):
   workdir = copy_of(stopped, tmp_path)
@@ -349,7 +323,7 @@ def test_bad_input_is_refused_and_changes_nothing(stopped, tmp_path, mutate, err
   else:
     mutate(config)
   # Another config is refused only where another run is; bad inputs anywhere, writing nothing.
-  for target in [workdir] if error is checkpoint.WorkdirError else [workdir, new_workdir]:
+  for target in [workdir] if error is workdir_lib.WorkdirError else [workdir, new_workdir]:
     with pytest.raises(error, match=message):
       train.train_and_evaluate(config, target)
   assert snapshot(workdir) == before
@@ -361,34 +335,41 @@ def test_checkpoint_of_another_architecture_is_refused(stopped, tmp_path):
   before = snapshot(workdir)
   config, other = tiny_config(), tiny_config()
   other.model.mlp_dim = 24
-  with pytest.raises(checkpoint.WorkdirError, match="another architecture"):
+  with pytest.raises(workdir_lib.WorkdirError, match="another architecture"):
     with checkpoint.Checkpointer(workdir, config) as ckpt:
       ckpt.restore(restore_target(other))
   assert snapshot(workdir) == before
 
 
-def test_workdir_with_other_files_is_refused_and_fresh_picks_a_new_one(stopped, tmp_path):
+def test_workdir_with_other_files_or_a_file_is_refused_and_fresh_picks_a_new_one(stopped, tmp_path):
   foreign = tmp_path / "foreign"
   foreign.mkdir()
   (foreign / "notes.txt").write_text("not a run")
-  with pytest.raises(checkpoint.WorkdirError, match="holds no hetscale_jax run"):
+  with pytest.raises(workdir_lib.WorkdirError, match="holds no hetscale_jax run"):
     train.train_and_evaluate(tiny_config(), str(foreign))
   assert os.listdir(foreign) == ["notes.txt"]
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  for call in (lambda w: train.train_and_evaluate(tiny_config(), w), workdir_lib.fresh):
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=f"workdir {a_file} is a file, not a directory; nothing was written"):
+      call(str(a_file))
+  assert a_file.read_text() == "not a directory"
 
-  assert checkpoint.fresh_workdir(str(tmp_path / "new")) == str(tmp_path / "new")
-  for call in (lambda w: train.train_and_evaluate(tiny_config(), w), checkpoint.fresh_workdir):
-    with pytest.raises(checkpoint.WorkdirError, match="URLs are not supported.*gcsfuse"):
+  assert workdir_lib.fresh(str(tmp_path / "new")) == str(tmp_path / "new")
+  for call in (lambda w: train.train_and_evaluate(tiny_config(), w), workdir_lib.fresh):
+    with pytest.raises(workdir_lib.WorkdirError, match="URLs are not supported.*gcsfuse"):
       call("gs://bucket/run")
   assert not os.path.exists("gs:")
-  assert checkpoint.fresh_workdir(str(foreign)) == str(foreign / "fresh_1")
+  assert workdir_lib.fresh(str(foreign)) == str(foreign / "fresh_1")
   (foreign / "fresh_1").mkdir()
-  assert checkpoint.fresh_workdir(str(foreign)) == str(foreign / "fresh_2")
+  assert workdir_lib.fresh(str(foreign)) == str(foreign / "fresh_2")
 
 
 def test_non_finite_step_stops_with_its_step_and_keeps_the_checkpoints(
     stopped, tmp_path, monkeypatch):
   workdir = copy_of(stopped, tmp_path)
-  before = snapshot(os.path.join(workdir, checkpoint.CHECKPOINTS))
+  before = snapshot(os.path.join(workdir, workdir_lib.CHECKPOINTS))
   real_batches = input_pipeline.train_batches
 
   def poisoned(*args, start_step=0, **kwargs):
@@ -398,7 +379,7 @@ def test_non_finite_step_stops_with_its_step_and_keeps_the_checkpoints(
   poison_saturated_images(monkeypatch)
   with pytest.raises(train.NonFiniteError, match="not finite at step 33"):
     train.train_and_evaluate(tiny_config(), workdir)
-  assert snapshot(os.path.join(workdir, checkpoint.CHECKPOINTS)) == before
+  assert snapshot(os.path.join(workdir, workdir_lib.CHECKPOINTS)) == before
 
 
 # ---------------------------------------------------------------------------- export

@@ -1,7 +1,6 @@
 """Configs: every shipped config validates, bad values name their field, sizes are exact."""
 
 import importlib.util
-import pathlib
 import re
 import subprocess
 import sys
@@ -14,15 +13,7 @@ import pytest
 from hetscale_jax import config_lib, growth_event, train
 from hetscale_jax.models import deit
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_config(name, *args):
-  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
-
+from conftest import CONFIG_DIR, load_config
 
 def test_configs_build_and_validate_without_tensorflow():
   # A fresh interpreter: this one has long imported TensorFlow for the input pipelines.
@@ -166,7 +157,41 @@ def test_both_budgets_or_neither_is_an_error():
 def test_unknown_field_is_named_with_the_allowed_ones():
   config = load_config("default")
   with config.growth.unlocked():
-    config.growth.budjet = 5
-  with pytest.raises(config_lib.ConfigError, match=r"unknown config field config\.growth\.budjet"):
+    config.growth.budget_per_evnt = 5
+  with pytest.raises(config_lib.ConfigError, match=(
+      r"unknown config field config\.growth\.budget_per_evnt; did you mean "
+      r"config\.growth\.budget_per_event\? fields of config\.growth: \['budget_per_event', ")):
     config_lib.validate(config)
+
+
+def test_value_of_another_type_is_named():
+  config = load_config("default")
+  with config.unlocked():
+    del config.growth
+    config.growth = 3
+  with pytest.raises(config_lib.ConfigError, match=r"config\.growth=3 is invalid"):
+    config_lib.validate(config)
+
+
+def load_main():
+  spec = importlib.util.spec_from_file_location("main", CONFIG_DIR.parent / "main.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.growth.bogus_field=3"],
+     r"unknown config field config\.growth\.bogus_field; fields of config\.growth: \["),
+    (["--config.growth.budget_per_evnt", "3"],
+     r"config\.growth\.budget_per_evnt; did you mean config\.growth\.budget_per_event\?"),
+    (["--config", str(CONFIG_DIR / "tiny_test.py"), "--config.grwth.rule=random"],
+     r"unknown config field config\.grwth; did you mean config\.growth\?"),
+    (["--config.batch_size.x=1"], r"config\.batch_size is a value, not a group of fields"),
+])
+def test_unknown_command_line_field_is_named_before_the_flags_are_parsed(argv, message):
+  main = load_main()
+  with pytest.raises(config_lib.ConfigError, match=message):
+    main.check_overrides(["main.py"] + argv)
+  main.check_overrides(["main.py", "--config.growth.rule=random"])  # a field it has passes
 

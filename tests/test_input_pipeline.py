@@ -151,7 +151,7 @@ def digits_reference():
 def test_digits_info_and_split():
   info = ip.dataset_info(digits_config())
   assert info == datasets.DatasetInfo("digits", 10, (8, 8, 1), 1437, 360)
-  assert ip.steps_per_epoch(digits_config(), 100) == 14
+  assert datasets.steps_per_epoch(info, 100) == 14
   batches = list(ip.eval_batches(digits_config(), global_batch_size=360))
   counts = collections.Counter(batches[0]["label"].tolist())
   assert sorted(counts) == list(range(10)) and min(counts.values()) >= 35  # Stratified.
@@ -279,8 +279,12 @@ def test_bad_batch_arguments():
                                        "process_count=2"):
     ip.train_batches(digits_config(), global_batch_size=9, seed=0, process_index=0,
                      process_count=2)
-  with pytest.raises(ValueError, match="global_batch_size=2000"):
-    ip.steps_per_epoch(digits_config(), 2000)
+  info = ip.dataset_info(digits_config())
+  message = r"batch_size=2000: must be in \[1, 1437\], the size of digits's train split"
+  with pytest.raises(ValueError, match=message):
+    datasets.steps_per_epoch(info, 2000)
+  with pytest.raises(ValueError, match=message):
+    ip.train_batches(digits_config(), global_batch_size=2000, seed=0)
 
 
 # Missing datasets fail at once, saying what and where, and how to fix it.
@@ -297,8 +301,7 @@ def test_missing_dataset_fails_fast_with_fix(tmp_path, name, fix):
     config.manual_dir = "/tars"
   calls = [lambda: ip.dataset_info(config),
            lambda: ip.train_batches(config, global_batch_size=8, seed=0),
-           lambda: ip.eval_batches(config, global_batch_size=8),
-           lambda: ip.steps_per_epoch(config, 8)]
+           lambda: ip.eval_batches(config, global_batch_size=8)]
   for call in calls:
     start = time.monotonic()
     with pytest.raises(ip.DatasetNotFoundError) as error:

@@ -1,6 +1,5 @@
 """The report over two real (tiny) training runs, its FLOPs count, and the plot hooks."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,21 +11,13 @@ import jax.extend.core
 import numpy as np
 import pytest
 
-from hetscale_jax import checkpoint, evidence, grow, plots, replicate, report, spec
+from hetscale_jax import evidence, grow, plots, replicate, report, spec
 from hetscale_jax.layers import GROWTH_COLLECTION
 from hetscale_jax.splitting import random_spectrum
 
-from conftest import make_deit
+from conftest import make_deit, read_checkpoint, tiny_config
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_config():
-  module_spec = importlib.util.spec_from_file_location("tiny_test", CONFIG_DIR / "tiny_test.py")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,7 @@ def test_study_pairs_the_variants_until_the_growth_event(study):
     assert [losses[v][s] for s in same] == [losses["splitting"][s] for s in same], v
   assert losses["authors"][event_step + 2] != losses["splitting"][event_step + 2]
 
-  at_event = {v: checkpoint.read_step(dirs[v], event_step).variables for v in ("splitting", "authors")}
+  at_event = {v: read_checkpoint(dirs[v], event_step).variables for v in ("splitting", "authors")}
   base = {v: {k: x for k, x in traverse_util.flatten_dict(at_event[v]["params"], sep="/").items()
               if not re.search(r"/units\d+_", k)} for v in at_event}
   assert base["splitting"].keys() == base["authors"].keys()

@@ -21,7 +21,6 @@ measured against one device over all meshes, and the tolerances:
 """
 
 import fcntl
-import importlib.util
 import itertools
 import os
 import pathlib
@@ -37,18 +36,18 @@ import pytest
 
 from hetscale_jax import distributed, growth_event, input_pipeline, sharding, train
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny_test.py"
+from conftest import FAST_COMPILE, tiny_config
+
 MESHES = {"1": (1, 1), "data8": (8, 1), "fsdp4": (2, 4), "fsdp8": (1, 8)}  # (data, fsdp)
-ONE_PROCESS = ("1", "data8", "fsdp4", "fsdp8")
-TWO_PROCESSES = ("fsdp8",)  # params and batch both split across the processes
+# FSDP over all 8 devices runs once, in the two processes, where it also splits params and
+# batch across processes: in one process as well it would say nothing more.
+ONE_PROCESS = ("1", "data8", "fsdp4")
+TWO_PROCESSES = ("fsdp8",)
 LOSS_TOL, PARAM_TOL, EIG_TOL, EVAL_RTOL = 1e-5, 2e-5, 1e-5, 1e-6
 
 
-def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_test", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+def one_block_config():
+  config = tiny_config()
   config.model.depth = 1  # compiling dominates; one block has every kind of growable layer
   # The peak learning rate from step 0: one step then moves the params far above rounding.
   config.optim.warmup_epochs = 0.0
@@ -70,7 +69,7 @@ def _layout(tree) -> dict:
 
 
 def run_scenario(data: int, fsdp: int) -> dict:
-  config = tiny_config()
+  config = one_block_config()
   mesh = sharding.make_mesh(fsdp, jax.devices()[:data * fsdp])
   info = input_pipeline.dataset_info(config.data)
   model = train.create_model(config, info)
@@ -125,9 +124,7 @@ def subprocess_main(output: str, meshes: list[str]):
 def _environment(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"}
-  flags = [f"--xla_force_host_platform_device_count={devices}",
-           # Compiling dominates these runs; LLVM's optimisations change no number compared.
-           "--xla_backend_optimization_level=0"]
+  flags = [f"--xla_force_host_platform_device_count={devices}", FAST_COMPILE]
   # jaxlib's CPU eigh waits for helper tasks on the thread pool that runs it: one eigh per
   # device at once deadlocks a pool no larger than the number of devices (NPROC sizes it).
   return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), "NPROC": str(4 * devices),
@@ -234,8 +231,8 @@ def test_growth_and_rebuilt_step_match_one_device(results, mesh):
 
 
 def test_each_process_reads_its_own_part_of_the_batch(results):
-  batch = tiny_config().batch_size
-  assert results["1"]["local_batch"] == results["fsdp8"]["local_batch"] == batch
+  batch = one_block_config().batch_size
+  assert results["1"]["local_batch"] == results["fsdp4"]["local_batch"] == batch
   assert results["2 processes: fsdp8"]["local_batch"] == batch // 2
 
 
@@ -250,7 +247,7 @@ def _sharded_axis(spec: str, shard: tuple, shape: tuple, fsdp: int):
   return axis
 
 
-@pytest.mark.parametrize("mesh", ["data8", "fsdp4", "fsdp8", "2 processes: fsdp8"])
+@pytest.mark.parametrize("mesh", ["data8", "fsdp4", "2 processes: fsdp8"])
 def test_fsdp_shards_params_and_optimizer_state(results, mesh):
   fsdp = MESHES[mesh.rsplit(" ", 1)[-1]][1]
   layout = results[mesh]["layout"]
@@ -288,6 +285,14 @@ def test_fsdp_shards_params_and_optimizer_state(results, mesh):
 ])
 def test_launcher_detection(environ, on_tpu, expected):
   assert distributed.launcher(environ, on_tpu) == expected
+
+
+def test_cloud_tpu_detection_falls_back_to_false_where_jax_moved_its_flag(monkeypatch):
+  assert distributed.on_cloud_tpu_vm() is False  # this CPU machine
+  monkeypatch.setattr(distributed._cloud_tpu_init, "running_in_cloud_tpu_vm", True)
+  assert distributed.on_cloud_tpu_vm() is True
+  monkeypatch.setattr(distributed, "_cloud_tpu_init", None)
+  assert distributed.on_cloud_tpu_vm() is False
 
 
 def test_initialize_arguments_pass_what_the_launcher_named():

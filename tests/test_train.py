@@ -1,27 +1,15 @@
 """The training loop: recipe pieces, a few steps on a fixed batch, and a run with growth."""
 
-import importlib.util
-import json
 import os
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
 from hetscale_jax import input_pipeline, sharding, train, writers
+from hetscale_jax import workdir as workdir_lib
 
-from conftest import POISON_PIXEL, poison_saturated_images
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_test", CONFIG_DIR / "tiny_test.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
+from conftest import POISON_PIXEL, TINY_RUN_GROUP, poison_saturated_images, tiny_config
 
 def test_learning_rate_schedule_follows_the_deit_recipe():
   config = tiny_config()
@@ -72,23 +60,22 @@ def test_non_finite_step_is_skipped_and_reported_with_its_step(monkeypatch):
     train.check_finite(state)
 
 
-def test_training_run_grows_by_the_plan_and_keeps_learning(tmp_path):
-  config = tiny_config()
-  summary = train.train_and_evaluate(config, str(tmp_path))
+@TINY_RUN_GROUP
+def test_training_run_grows_by_the_plan_and_keeps_learning(tiny_run):
+  workdir, summary = tiny_run
   events = summary["growth_events"]
   assert [e["step"] for e in events] == [22, 44]
   for event in events:
     assert event["params_after"] - event["params_before"] == event["plan_params"] > 0
   assert summary["params"] == events[-1]["params_after"]
   assert summary["train_step_compiles"] == 1 + len(events)
-  records = writers.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  records = writers.read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
   losses = [r["loss"] for r in records if r["kind"] == "train"]
   after_growth = [r["loss"] for r in records if r["kind"] == "train" and r["step"] > events[0]["step"]]
   assert min(after_growth) < losses[0]
   assert summary["eval"]["top1"] > 0.2  # 10 classes: chance is 0.1
-  assert os.listdir(os.path.join(tmp_path, "tensorboard"))
-  with open(os.path.join(tmp_path, "summary.json")) as f:
-    assert json.load(f)["params"] == summary["params"]
+  assert os.listdir(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR))
+  assert workdir_lib.read_summary(workdir)["params"] == summary["params"]
   grown_units = sum(sum(layer["units"]) for layer in summary["architecture"]["layers"].values())
   assert grown_units == sum(sum(e["grown"].values()) for e in events)
   # The unit ablation: the intact model is the final evaluation, every grown layer's units
