@@ -240,9 +240,11 @@ def evidence_sections(configs: dict, summaries: dict, variants, event_steps: lis
   if rules:
     lines += ["", "## The criterion: growth events in split mode, loss change per million added "
               "parameters", "",
-              "split_predicted: the second-order prediction, sum of 1/2 eps^2 lambda over the "
-              "chosen units (on the probe); split_probe: measured on the probe; split_check: "
-              "measured on the held-aside check batch (the first test batch).", ""]
+              "The chosen neurons grown as gated units in split mode at growth.split_check_scale "
+              "eps, each gain downhill. split_predicted: the second-order prediction, the sum of "
+              "-1/2 eps^2 |r^T S r| over the chosen units (on the probe); split_probe: measured on "
+              "the probe; split_check: measured on the held-aside check batch (the first test "
+              "batch).", ""]
     lines += evidence.summary_table(measures, rules, per_event("split_predicted", "split_probe",
                                                                "split_check"))
   pairs = [(v, "splitting") for v in rules[1:] + ["static_reduced"] if v in variants]
