@@ -178,12 +178,17 @@ class CompiledStep:
 
 
 def compile_train_step(train_step, mesh, state, batch) -> CompiledStep:
-  """Ahead-of-time compile for this parameter tree (once at start, once per growth event)."""
+  """Ahead-of-time compile for this parameter tree (once at start, once per growth event).
+
+  Lowered on shapes alone: a grown state may hold arrays placed elsewhere than the step's
+  shardings (new units computed from sharded kernels); the caller puts it on them.
+  """
   shardings = state_shardings(mesh, state)
   start = time.perf_counter()
   fn = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  compiled = fn.lower(state, batch).compile()
+  compiled = fn.lower(*jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    (state, batch))).compile()
   return CompiledStep(compiled, shardings, time.perf_counter() - start)
 
 
