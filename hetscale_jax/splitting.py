@@ -423,16 +423,18 @@ def _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter=No
   groups = group_layers({p: (s["d_out"], s["d_in"], s["activation"], statistics_dtype(s["out"]))
                          for p, s in shapes.items()})
   if method == "collected":
-    pairs = _collected_pairs(collect_layer_statistics(loss_fn, variables, batch, layer_filter),
-                             groups, start, restart_keys, num_iters)
+    stats = collect_layer_statistics(loss_fn, variables, batch, layer_filter)
+    # G = sum_tokens g x~ straight from the statistics: no pass of its own.
+    gradients = {p: g.T @ x_tilde for p, (x_tilde, _, g) in stats.items()}
+    pairs = _collected_pairs(stats, groups, start, restart_keys, num_iters)
   else:
     # Every streamed product re-runs the network for all layers: one sequence for them all.
     hvp = streamed_hvp(loss_fn, variables, batch, {p: s["activation"] for p, s in shapes.items()})
     pairs = unstack_groups(lanczos_extremes(
         lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
         stack_groups(start, groups), restart_rng, num_iters), groups)
+    gradients = output_gradients(loss_fn, variables, batch, layer_filter)
   scales = input_scales(loss_fn, variables, batch, layer_filter)
-  gradients = output_gradients(loss_fn, variables, batch, layer_filter)
   return {p: Spectrum(eigvals=r.eigvals, eigvecs=r.eigvecs, residuals=r.residuals,
                       eigvals_max=r.eigvals_max, eigvecs_max=r.eigvecs_max, input_scale=scales[p],
                       start_dirs=start[p], start_rayleigh=r.start_rayleigh,

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import (capture_layer_statistics, exact_spectrum, explicit_splitting_matrices,
                       make_deit, make_mlp, params_grad)
-from hetscale_jax import ablation, grow, layers
+from hetscale_jax import ablation, grow, layers, splitting
 from hetscale_jax.splitting import Spectrum
 
 
@@ -62,7 +62,8 @@ def test_every_unit_kind_leaves_the_function_unchanged_at_insertion(x64, model):
 @pytest.mark.parametrize("model", ["mlp", "deit"])
 def test_linear_unit_gradient_at_insertion_is_one_and_a_half_delta_x(x64, model):
   """dL/dp+ = dL/dp- = (1 + gelu'(0)) sum_t dL/dy_j x~ = 1.5 sum_t delta_j x~ at insertion
-  (closed form from captured statistics), and Spectrum.gradient is sum_t delta_j x~."""
+  (closed form from captured statistics), and Spectrum.gradient is sum_t delta_j x~, from the
+  collected statistics and from the streamed method's own pass (output_gradients) alike."""
   problem = float64_problem(model)
   spectrum = exact_spectrum(problem)
   plan = grow.select(spectrum, budget=10**9, rule="random", unit="linear", max_layer_fraction=0.5,
@@ -70,11 +71,14 @@ def test_linear_unit_gradient_at_insertion_is_one_and_a_half_delta_x(x64, model)
   grown = grow.grow(problem.variables, plan, spectrum)
   grads = params_grad(problem.loss_fn, grown, problem.batch)
   stats = capture_layer_statistics(problem.loss_fn, problem.variables, problem.batch)
+  streamed = jax.jit(splitting.output_gradients, static_argnums=0)(
+      problem.loss_fn, problem.variables, problem.batch)
   for path, neurons in plan.indices.items():
     x_tilde, _, g = stats[path]
     closed_form = g.T @ x_tilde  # [d_out, d_in + 1]
-    np.testing.assert_allclose(spectrum[path].gradient, closed_form, rtol=1e-10,
-                               atol=1e-12 * np.abs(closed_form).max())
+    for gradient in (spectrum[path].gradient, streamed[path]):  # both methods' statistic
+      np.testing.assert_allclose(gradient, closed_form, rtol=1e-10,
+                                 atol=1e-12 * np.abs(closed_form).max())
     expected = 1.5 * closed_form[neurons]
     w, b = node(grads, path)["units0_w"], node(grads, path)["units0_b"]
     for half in range(2):
