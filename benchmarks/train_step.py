@@ -64,8 +64,8 @@ def ten_percent_plan(spectrum: dict, fraction: float, seed: int) -> grow.Plan:
   indices = {p: np.sort(rng.choice(s.eigvals.shape[0], round(fraction * s.eigvals.shape[0]),
                                    replace=False)).astype(np.int32)
              for p, s in spectrum.items()}
-  cost = sum(len(i) * grow.spectrum_unit_cost(spectrum[p], "gated") for p, i in indices.items())
-  return grow.Plan(indices=indices, direction="eigvec", rule="random", num_params=cost)
+  return grow.Plan(indices=indices, direction="eigvec", rule="random", unit="gated",
+                   num_params=grow.plan_params(indices, "gated", spectrum))
 
 
 def widened_mlp(config, info, target: int) -> int:

@@ -71,14 +71,20 @@ def plan_params(indices: dict[str, np.ndarray], unit: str, spectrum: dict[str, S
   return sum(len(i) * spectrum_unit_cost(spectrum[p], unit) for p, i in indices.items())
 
 
+def _largest_is_extreme(s: Spectrum) -> np.ndarray:
+  """Per neuron, whether the largest eigenvalue has the larger magnitude of the two ends."""
+  return np.abs(np.asarray(s.eigvals_max, np.float64)) > np.abs(np.asarray(s.eigvals, np.float64))
+
+
 def curvature(s: Spectrum, direction: str) -> np.ndarray:
   """Per neuron, r^T S r / |r|^2 over the layer's mean |x~|^2 for a gated unit's direction r
   (Plan.direction): the loss change of a unit at gain 1 is 1/2 |r|^2 times this."""
   if direction == "random":
     value = np.asarray(s.start_rayleigh, np.float64)
   else:
-    lo, hi = np.asarray(s.eigvals, np.float64), np.asarray(s.eigvals_max, np.float64)
-    value = lo if direction == "eigvec" else np.where(np.abs(hi) > np.abs(lo), hi, lo)
+    value = np.asarray(s.eigvals, np.float64)
+    if direction == "extreme":
+      value = np.where(_largest_is_extreme(s), np.asarray(s.eigvals_max, np.float64), value)
   return value / float(s.input_scale)
 
 
@@ -88,7 +94,8 @@ def linear_unit_slope(activation: str) -> float:
 
 
 def scores(spectrum: dict[str, Spectrum], rule: str) -> dict[str, np.ndarray]:
-  """Per-neuron scores of `rule`, lower is better (random and uniform order by "splitting").
+  """Per-neuron scores of `rule`, lower is better ("splitting"'s for random and uniform, which
+  ignore them).
 
   Curvatures are divided by the layer's mean |x~|^2, which S scales with, so that layers of
   different input scale compare (a gated unit's r is scaled by the same factor in grow).
@@ -236,8 +243,7 @@ def _gated_units(s: Spectrum, neurons, direction: str, mode: str, unit_scale: fl
   else:
     vectors = np.asarray(s.eigvecs)
     if direction == "extreme":
-      larger = np.abs(np.asarray(s.eigvals_max)) > np.abs(np.asarray(s.eigvals))
-      vectors = np.where(larger[:, None], np.asarray(s.eigvecs_max), vectors)
+      vectors = np.where(_largest_is_extreme(s)[:, None], np.asarray(s.eigvecs_max), vectors)
   r = vectors[neurons] * (unit_scale / np.sqrt(float(s.input_scale)))
   gain = -np.sign(curvature(s, direction)[neurons]) if mode == "split" else np.zeros(len(neurons))
   return r, gain

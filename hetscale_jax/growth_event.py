@@ -1,7 +1,7 @@
 """One growth event of a training run: spectrum, plan, grown variables, migrated optimizer.
 
     steps = event_steps(config, steps_per_epoch)
-    weights = budget_weights(config.growth, [lr_schedule(s) / peak_lr for s in steps])
+    weights = train.event_weights(config, lr_schedule, steps)   # budget_weights of each event
     state, event = grow_state(config, model, tx, state, probe, weights_left=weights[i:],
                               num_classes=10, model_input=...)
     print(describe(event.record))

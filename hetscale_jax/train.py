@@ -75,6 +75,13 @@ def peak_learning_rate(config) -> float:
   return config.optim.base_lr * config.batch_size / 512
 
 
+def event_weights(config, lr_schedule: optax.Schedule, event_steps: list[int]) -> list[float]:
+  """growth_event.budget_weights of the events at `event_steps`, their learning rates taken
+  relative to the peak."""
+  return growth_event.budget_weights(
+      config.growth, [float(lr_schedule(s)) / peak_learning_rate(config) for s in event_steps])
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """Linear warm-up from warmup_lr, cosine to min_lr."""
   o = config.optim
@@ -292,8 +299,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   num_params = spec.count_params(state.params)
   base_params = growth_log[0]["params_before"] if growth_log else num_params
   lr_schedule = learning_rate_schedule(config, steps_per_epoch)
-  weights = growth_event.budget_weights(
-      config.growth, [float(lr_schedule(s)) / peak_learning_rate(config) for s in events])
+  weights = event_weights(config, lr_schedule, events)
   print(f"DeiT-{config.model.variant} on {info.name}: {base_params:,} params, {total_steps} steps, "
         f"{len(events)} growth events at steps {events}; train step compiled in {compiled.seconds:.1f}s"
         + (f"; resumed at step {start_step} with {len(growth_log)} events done" if restored else ""),

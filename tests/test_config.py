@@ -53,8 +53,7 @@ def test_paper_configs_are_the_released_setting():
   steps_per_epoch = 123  # ImageNet-100's 126,689 training images at batch 1024
   schedule = train.learning_rate_schedule(grown, steps_per_epoch)
   steps = growth_event.event_steps(grown, steps_per_epoch)
-  weights = growth_event.budget_weights(
-      grown.growth, [float(schedule(s)) / train.peak_learning_rate(grown) for s in steps])
+  weights = train.event_weights(grown, schedule, steps)
   # The released ratios, to the difference of the two cosine schedules (timm's counts the
   # warm-up epochs into the cosine, optax's starts it after them).
   np.testing.assert_allclose(weights, [.94, .84, .71, .57, .41, .27, .15, .06, .03], atol=0.02)
