@@ -201,7 +201,7 @@ def time_step(config, info, args) -> dict:
     print(f"  XLA FLOPs unavailable ({type(e).__name__}: {e})")
     flops = None
   return {"seconds": seconds, "flops": flops, "compile": compiled.seconds,
-          "params": spec.count_params(state.params)}
+          "params": spec.count_params(state.variables)}
 
 
 def step_stage(config, info, args) -> dict:
@@ -238,7 +238,7 @@ def time_grown(config, info, args) -> float:
   plan = train_step.ten_percent_plan(spectrum, GROWN_FRACTION, seed=0)
   grown = common.grow_state(trainer, state, plan, spectrum)
   static_config = config.copy_and_resolve_references()
-  static_config.model.mlp_dim = train_step.widened_mlp(config, info, spec.count_params(grown.params))
+  static_config.model.mlp_dim = train_step.widened_mlp(config, info, spec.count_params(grown.variables))
   static = common.Trainer(static_config, info)
   batch = common.synthetic_batch(config, info)
   candidates = {}
@@ -246,7 +246,7 @@ def time_grown(config, info, args) -> float:
                                    ("static", static, static.init_state())):
     compiled = owner.compile(model_state, batch)
     candidates[name] = (compiled, *owner.place(model_state, compiled, batch))
-    print(f"  {name:<7}{spec.count_params(model_state.params):>12,} params, compiled in "
+    print(f"  {name:<7}{spec.count_params(model_state.variables):>12,} params, compiled in "
           f"{compiled.seconds:.1f}s", flush=True)
   del state, grown, model_state  # the candidates hold their own copies
   units = sum(len(i) for i in plan.indices.values())

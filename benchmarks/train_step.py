@@ -113,7 +113,7 @@ def main(argv):
   spectrum = common.random_spectrum(growable_state.variables, config.growth.layers, seed=0)
   plan = ten_percent_plan(spectrum, _GROWN_FRACTION.value, seed=0)
   grown_state = common.grow_state(growable, growable_state, plan, spectrum)
-  grown_params = spec.count_params(grown_state.params)
+  grown_params = spec.count_params(grown_state.variables)
   static_config = config.copy_and_resolve_references()
   static_config.model.mlp_dim = widened_mlp(config, info, grown_params)
   static = common.Trainer(static_config, info)
@@ -125,7 +125,7 @@ def main(argv):
                                ("grown", growable, grown_state), ("static", static, static_state)):
     compiled = dense_compiled if name == "dense" else trainer.compile(state, batch)
     candidates[name] = (compiled, *trainer.place(state, compiled, batch))
-    print(f"  {name:<9} {spec.count_params(state.params):>12,} params, compiled in "
+    print(f"  {name:<9} {spec.count_params(state.variables):>12,} params, compiled in "
           f"{compiled.seconds:.1f}s")
   costs = {n: candidates[n][0].fn.cost_analysis() for n in ("dense", "growable")}
   print("  XLA's cost analysis of the dense / growable steps: " + ", ".join(

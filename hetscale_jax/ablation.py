@@ -22,12 +22,12 @@ from hetscale_jax import layers
 def mean_contributions(sown, variables) -> dict[str, float]:
   """{path: mean |contribution| over the layer's grown neurons} from the sown intermediates
   ({..., layer path..., "unit_contribution": ([d_out],)}) of one apply."""
-  growth = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
+  grown = layers.grown_layers(variables)
   out = {}
   for key, (per_neuron,) in traverse_util.flatten_dict(sown, sep="/").items():
     path = key.rsplit("/", 1)[0]
-    neurons = np.unique(np.concatenate([np.asarray(index) for name, index in growth.items()
-                                        if name.rsplit("/", 1)[0] == path]))
+    neurons = np.unique(np.concatenate([np.asarray(p.index)[np.asarray(p.live)]
+                                        for p in grown[path].values()]))
     out[path] = float(np.mean(np.asarray(per_neuron)[neurons]))
   return dict(sorted(out.items()))
 

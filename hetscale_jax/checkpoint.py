@@ -57,6 +57,7 @@ _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 def _leaf_checksum(x):
   """Sum of the array's bits as uint32 words, each times an odd weight: changing any one word
   changes the sum, and so does moving values around."""
+  x = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x  # bitcast takes no bools
   words = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32).ravel()
   return jnp.sum(words * (2 * jnp.arange(words.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
 

@@ -25,15 +25,15 @@ from hetscale_jax import checkpoint, spec
 
 def describe(final: checkpoint.Final, workdir: str) -> str:
   """Parameter counts and spec.describe of a checkpoint's variables."""
-  total = spec.count_params(final.variables["params"])
+  total = spec.count_params(final.variables)
   units = spec.unit_params(final.architecture)
-  num_units = sum(sum(layer["units"]) for layer in final.architecture["layers"].values())
+  num_units = spec.num_units(final.architecture)
   m = final.config["model"]
   return "\n".join([
       f"{workdir}: checkpoint at step {final.step} (config: DeiT-{m['variant']}, "
       f"{final.config['num_epochs']} epochs on {final.config['data']['name']})",
       f"parameters: {total:,} = {total - units:,} before growth + {units:,} in {num_units} units",
-      "grown layers (units added at each growth event):",
+      "grown layers (units per kind, and how many sit at each depth on their neuron):",
       spec.describe(final.architecture), ""])
 
 

@@ -5,8 +5,9 @@
     variables = grow.grow(variables, plan, spectrum, mode="exact")
     opt_state = grow.migrate_opt_state(tx, opt_state, variables["params"])
 
-Works on any linen model built from GrowableDense. Growing never resizes an existing array:
-each event adds a stage of units (docs/method.md, "The unit") to the chosen layers, so every
+Works on any linen model built from GrowableDense. Growing never moves an existing parameter:
+each event puts units (docs/method.md, "The unit") into free slots of the chosen layers'
+packed unit arrays (layers.py), padding them to the next capacity when full, so every
 existing parameter and its optimizer moments carry over unchanged.
 
 Three independent choices make a mechanism (docs/method.md, "Selection"):
@@ -251,7 +252,7 @@ def _gated_units(s: Spectrum, neurons, direction: str, mode: str, unit_scale: fl
 
 def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exact",
          unit_scale: float = 1.0):
-  """New variables with one stage of units of kind plan.unit on the plan's neurons (pure).
+  """New variables with units of kind plan.unit added on the plan's neurons (pure).
 
   Gated units get r = unit_scale * v / sqrt(mean |x~|^2), with v the plan's direction, so
   |r . x~| is about unit_scale whatever the layer's input scale. mode="exact": a = 0, the
@@ -279,7 +280,7 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
 
 
 def add_units(variables, units: dict, unit: str = "gated"):
-  """New variables with one stage of hand-placed units on each named layer (pure function).
+  """New variables with hand-placed units added to each named layer (pure function).
 
   unit="gated": units {path: (indices [n], directions r [n, d_in+1], gains a [n])}; with gains
     0 the function is unchanged.
@@ -292,7 +293,7 @@ def add_units(variables, units: dict, unit: str = "gated"):
   if unit not in UNITS:
     raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
   params = traverse_util.flatten_dict(variables["params"], sep="/")
-  stages = {}
+  new = {}
   for path, (indices, first, second) in units.items():
     if f"{path}/kernel" not in params:
       raise KeyError(f"units name layer {path!r}, which is not in the params")
@@ -301,18 +302,18 @@ def add_units(variables, units: dict, unit: str = "gated"):
     if len(np.unique(indices)) != len(indices) or np.any(indices < 0) or np.any(indices >= kernel.shape[1]):
       raise ValueError(f"{path}: indices must be distinct neurons in [0, {kernel.shape[1]})")
     first, second = (jnp.asarray(a, kernel.dtype) for a in (first, second))
+    n, row = len(indices), kernel.shape[0] + 1
+    expected = ((n, row), (n,) if unit == "gated" else (n, row))
+    if (first.shape, second.shape) != expected:
+      raise ValueError(f"{path}: {unit} units of {n} neurons need arrays of shapes {expected}, "
+                       f"got {(first.shape, second.shape)}")
     if unit == "gated":
       unit_params = {"r": first, "a": second}
     else:
-      p = jnp.stack([first, second])
+      p = jnp.stack([first, second], axis=1)
       unit_params = {"w": p[..., :-1], "b": p[..., -1]}
-    expected = layers.unit_shapes(unit, len(indices), kernel.shape[0])
-    got = {field: tuple(value.shape) for field, value in unit_params.items()}
-    if got != expected:
-      raise ValueError(f"{path}: {unit} units of {len(indices)} neurons need shapes {expected}, "
-                       f"got {got}")
-    stages[path] = layers.UnitStage(unit, jnp.asarray(indices), unit_params)
-  return layers.add_unit_stages(variables, stages)
+    new[path] = layers.NewUnits(unit, indices, unit_params)
+  return layers.add_unit_packs(variables, new)
 
 
 def predicted_split_change(plan: Plan, spectrum: dict[str, Spectrum],
@@ -326,18 +327,24 @@ def predicted_split_change(plan: Plan, spectrum: dict[str, Spectrum],
 
 
 def migrate_opt_state(tx, opt_state, new_params):
-  """The optimizer state for grown params: every leaf of the old state is kept bit for bit,
-  every new leaf is what `tx.init` gives it.
+  """The optimizer state for grown params: every entry of the old state is kept bit for bit,
+  every new one is what `tx.init` gives it. A unit field padded to more slots (layers.py)
+  keeps its old slots' state in place.
 
-  With `hetscale_jax.optim.adamw` (per-parameter step counts) a new parameter thus starts at
-  count 0 with zero moments, and its first update is exactly a fresh Adam step. With stock
-  optax Adam the shared step count is kept, the bias correction of the new moments is
-  already ~1, and under a steady gradient their k-th step is (1 - b1^k) / sqrt(1 - b2^k) times
-  too large (3.2x at the first, about 6.6x around the twelfth).
+  With `hetscale_jax.optim.adamw` (step counts per parameter, per slot for unit fields, that
+  do not step while a slot is empty) a new unit thus starts at count 0 with zero moments, and
+  its first update is exactly a fresh Adam step. With stock optax Adam the shared step count
+  is kept, the bias correction of the new moments is already ~1, and under a steady gradient
+  their k-th step is (1 - b1^k) / sqrt(1 - b2^k) times too large (3.2x at the first, about
+  6.6x around the twelfth).
   """
   old = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
 
   def keep_old(path, fresh):
     prev = old.get(jax.tree_util.keystr(path))
-    return prev if prev is not None and jnp.shape(prev) == jnp.shape(fresh) else fresh
+    if prev is None or jnp.ndim(prev) != jnp.ndim(fresh) or jnp.shape(prev)[1:] != jnp.shape(fresh)[1:]:
+      return fresh
+    if jnp.shape(prev) == jnp.shape(fresh):
+      return prev
+    return fresh.at[:jnp.shape(prev)[0]].set(prev)  # more slots: the old ones keep their state
   return jax.tree_util.tree_map_with_path(keep_old, tx.init(new_params))

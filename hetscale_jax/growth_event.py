@@ -116,7 +116,7 @@ def grow_state(config, model, tx, state, probe: list, *, weights_left: list[floa
   """
   g = config.growth
   step = int(state.step)
-  before = spec.count_params(state.params)
+  before = spec.count_params(state.variables)
   start = time.perf_counter()
   variables = {"params": state.params, GROWTH_COLLECTION: state.growth}
   loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
@@ -140,7 +140,7 @@ def grow_state(config, model, tx, state, probe: list, *, weights_left: list[floa
   variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale)
   grown = state.replace(params=variables["params"], growth=variables[GROWTH_COLLECTION],
                         opt_state=grow.migrate_opt_state(tx, state.opt_state, variables["params"]))
-  record["params_after"] = spec.count_params(grown.params)
+  record["params_after"] = spec.count_params(variables)
   return grown, Event(spectrum, plan, record)
 
 

@@ -8,19 +8,30 @@ Two kinds of unit, on neuron j with output z_j (earlier units included) and x~ =
 The gated unit is the paper's text: exact at a = 0, where dL/da is second order in r. The
 linear unit is the authors' released one: exact at p+ = -p-, and its gradient at insertion is
 first order, (1 + s'(0)) dL/dy_j x~. The layer reads its units from the variables it is given,
-so a model built from GrowableDense never changes its code when it grows:
+so a model built from GrowableDense never changes its code when it grows.
 
-    gated   params/<layer>/units{k}_r   [n_k, d_in + 1]   direction of each unit of stage k
-            params/<layer>/units{k}_a   [n_k]             output gain of each unit
-    linear  params/<layer>/units{k}_w   [2, n_k, d_in]    p+ and p-, weights
-            params/<layer>/units{k}_b   [2, n_k]          p+ and p-, offsets
-    both    growth/<layer>/units{k}_index  [n_k] int32    neuron each unit sits on
+Every unit of one kind on one layer lives in one packed set of arrays, whatever the growth
+event that added it, so that the compiled programs do not grow with the number of events:
 
-Stage k holds the units added by one growth event (a neuron appears at most once per stage),
-all of one kind; stages are applied in order, so a neuron grown twice gets its second unit on
-top of the output of its first. This module owns the unit variables' names, shapes and
-parameter counts and their stage layout (`num_stages`, `add_unit_stages`); it knows nothing
-about how units are chosen.
+    gated   params/<layer>/gated_r        [C, d_in + 1]  direction of each unit slot
+            params/<layer>/gated_a        [C]            output gain
+    linear  params/<layer>/linear_w       [C, 2, d_in]   p+ and p-, weights
+            params/<layer>/linear_b       [C, 2]         p+ and p-, offsets
+    both    growth/<layer>/<kind>_index     [C] int32      neuron each slot sits on
+            growth/<layer>/<kind>_at_depth  [D, C] bool    slot c holds a unit at depth d
+
+A gated unit at depth d reads its neuron's output after the units at depths < d: a neuron grown
+twice gets its second unit on top of its first. The units of one depth sit on distinct neurons,
+so each depth is one gather and one scatter, and a scan over the depth axis applies them in
+order: the code is the same for any D. Linear units do not read z_j, so they all apply at once
+(D = 1), before the gated ones. Capacities C are padded to powers of two (`capacity`), so that
+runs of one config that grow by different amounts mostly share shapes, and the persistent XLA
+cache serves them. A padded slot (a column of at_depth with no True) is exactly inert: its
+parameters are zero, its contribution and gradient are masked to zero, it is not counted as a
+parameter, and optim.adamw neither steps nor decays it.
+
+This module owns the unit variables' names, shapes, parameter counts and packed layout
+(`UnitPack`, `add_unit_packs`); it knows nothing about how units are chosen.
 """
 
 from collections.abc import Callable, Mapping
@@ -48,10 +59,11 @@ GROWTH_COLLECTION = "growth"
 # Intermediates collection where every grown layer sows its units' mean |contribution| per
 # neuron (hetscale_jax.ablation); nothing is computed unless it is asked for as mutable.
 CONTRIBUTION = ("intermediates", "unit_contribution")
-# The parameter fields of each unit kind, in the order unit_param_names gives them; the first
-# is decayed like a kernel.
-UNIT_KINDS = {"gated": ("r", "a"), "linear": ("w", "b")}
-_PARAM, _INDEX = "units{}_{}", "units{}_index"
+# The parameter fields of each unit kind, in the order add_units takes them; the first is
+# decayed like a kernel. Kinds apply in this order: linear units before gated ones read z_j.
+UNIT_KINDS = {"linear": ("w", "b"), "gated": ("r", "a")}
+INDEX, AT_DEPTH = "index", "at_depth"
+MIN_CAPACITY = 8
 
 
 def _check_kind(kind: str):
@@ -59,20 +71,24 @@ def _check_kind(kind: str):
     raise ValueError(f"unknown unit kind {kind!r}; choose one of {sorted(UNIT_KINDS)}")
 
 
-def unit_param_names(stage: int, kind: str = "gated") -> tuple[str, ...]:
-  """Names of stage `stage`'s unit parameters (in params) and index (in growth): ("units0_r",
-  "units0_a", "units0_index") for gated units, ("units0_w", "units0_b", "units0_index") for
-  linear ones."""
-  _check_kind(kind)
-  return tuple(_PARAM.format(stage, f) for f in UNIT_KINDS[kind]) + (_INDEX.format(stage),)
+def param_name(kind: str, field: str) -> str:
+  """"gated_r": the name of a unit field, in params (fields of UNIT_KINDS) or in the growth
+  collection (INDEX, AT_DEPTH)."""
+  return f"{kind}_{field}"
 
 
-def unit_shapes(kind: str, num_units: int, d_in: int) -> dict[str, tuple[int, ...]]:
-  """{field: shape} of a stage of `num_units` units of `kind` on a layer with d_in inputs."""
+def capacity(num_units: int) -> int:
+  """Slots that hold `num_units` units: the next power of two, at least MIN_CAPACITY."""
+  return max(MIN_CAPACITY, 1 << max(num_units - 1, 0).bit_length())
+
+
+def unit_shapes(kind: str, slots: int, d_in: int) -> dict[str, tuple[int, ...]]:
+  """{field: shape} of `slots` unit slots of `kind` on a layer with d_in inputs; the slot axis
+  is always the first (optim.adamw counts steps per slot along it)."""
   _check_kind(kind)
   if kind == "gated":
-    return {"r": (num_units, d_in + 1), "a": (num_units,)}
-  return {"w": (2, num_units, d_in), "b": (2, num_units)}
+    return {"r": (slots, d_in + 1), "a": (slots,)}
+  return {"w": (slots, 2, d_in), "b": (slots, 2)}
 
 
 def unit_param_count(kind: str, d_in: int) -> int:
@@ -80,58 +96,84 @@ def unit_param_count(kind: str, d_in: int) -> int:
   return sum(math.prod(shape) for shape in unit_shapes(kind, 1, d_in).values())
 
 
-def _stage_of(name: str) -> int | None:
-  """k of a unit parameter name "units{k}_<field>", else None."""
-  prefix = _PARAM.split("{}")[0]
-  digits = name[len(prefix):].split("_", 1)[0]
-  return int(digits) if name.startswith(prefix) and digits.isdigit() else None
-
-
-def is_unit_direction(name: str) -> bool:
-  """Whether a parameter name is a unit's weights (r, or the w of p+/p-) of some stage: decayed
-  like a kernel. Gains and the linear unit's offsets are not, like biases."""
-  stage = _stage_of(name)
-  return stage is not None and name in {unit_param_names(stage, k)[0] for k in UNIT_KINDS}
-
-
-def stage_kind(params: Mapping[str, Any], stage: int, path: str | None = None) -> str | None:
-  """The kind of stage `stage`'s units, None if the layer has no such stage: `params` keyed by
-  the layer's parameter names, or, with `path`, a flattened tree keyed "path/name"."""
-  key = (lambda name: name) if path is None else (lambda name: f"{path}/{name}")
-  for kind in UNIT_KINDS:
-    if key(unit_param_names(stage, kind)[0]) in params:
+def _kind_of(name: str) -> str | None:
+  """The unit kind of a parameter name ("gated_r" -> "gated"), None for other parameters."""
+  for kind, fields in UNIT_KINDS.items():
+    if name in {param_name(kind, f) for f in fields}:
       return kind
   return None
 
 
-def num_stages(params: Mapping[str, Any], path: str | None = None) -> int:
-  """How many unit stages a layer holds (`params` as for stage_kind)."""
-  k = 0
-  while stage_kind(params, k, path) is not None:
-    k += 1
-  return k
+def is_unit_param(name: str) -> bool:
+  """Whether a parameter name is a unit field: its first axis is the unit slots."""
+  return _kind_of(name) is not None
 
 
-class UnitStage(NamedTuple):
-  """One stage of units on one layer: arrays or jax.ShapeDtypeStructs."""
+def is_unit_direction(name: str) -> bool:
+  """Whether a parameter name is a unit's weights (r, or the w of p+/p-): decayed like a
+  kernel. Gains and the linear unit's offsets are not, like biases."""
+  kind = _kind_of(name)
+  return kind is not None and name == param_name(kind, UNIT_KINDS[kind][0])
+
+
+class UnitPack(NamedTuple):
+  """The units of one kind on one layer: arrays or jax.ShapeDtypeStructs."""
   kind: str
-  index: Any                # [n] int32, the neurons
-  params: dict[str, Any]    # {field: array} as unit_shapes(kind, n, d_in)
+  index: Any                # [C] int32, the neuron of each slot
+  at_depth: Any             # [D, C] bool
+  params: dict[str, Any]    # {field: array} as unit_shapes(kind, C, d_in)
+
+  @property
+  def live(self):
+    """[C] bool: the slots that hold a unit."""
+    return jnp.any(self.at_depth, axis=0)
 
 
-def add_unit_stages(variables, stages: Mapping[str, UnitStage]):
-  """New variables with one more stage on each layer of `stages` {path: UnitStage}.
+class NewUnits(NamedTuple):
+  """Units to add to one layer: `kind`, distinct neurons `index` [n] and their parameters
+  {field: [n, ...]} as unit_shapes(kind, n, d_in)."""
+  kind: str
+  index: Any
+  params: dict[str, Any]
 
-  Works on arrays and on jax.ShapeDtypeStructs alike (growing, and rebuilding the abstract
-  grown model before a restore). `path` is the layer's module path, "blocks_0/attn/qkv".
-  """
-  params = traverse_util.flatten_dict(variables["params"], sep="/")
-  growth = traverse_util.flatten_dict(variables.get(GROWTH_COLLECTION, {}), sep="/")
-  for path, stage in stages.items():
-    *param_names, index_name = unit_param_names(num_stages(params, path), stage.kind)
-    for name, field in zip(param_names, UNIT_KINDS[stage.kind]):
-      params[f"{path}/{name}"] = stage.params[field]
-    growth[f"{path}/{index_name}"] = stage.index
+
+def layer_packs(params: Mapping[str, Any], growth: Mapping[str, Any]) -> dict[str, UnitPack]:
+  """{kind: UnitPack} of one layer, from its params and growth collection (keyed by name)."""
+  packs = {}
+  for kind, fields in UNIT_KINDS.items():
+    if param_name(kind, INDEX) in growth:
+      packs[kind] = UnitPack(kind, growth[param_name(kind, INDEX)],
+                             growth[param_name(kind, AT_DEPTH)],
+                             {f: params[param_name(kind, f)] for f in fields})
+  return packs
+
+
+def _split(variables) -> tuple[dict, dict]:
+  return (traverse_util.flatten_dict(variables["params"], sep="/"),
+          traverse_util.flatten_dict(variables.get(GROWTH_COLLECTION, {}), sep="/"))
+
+
+def _sub(flat: Mapping[str, Any], path: str) -> dict[str, Any]:
+  return {k[len(path) + 1:]: v for k, v in flat.items() if k.rsplit("/", 1)[0] == path}
+
+
+def grown_layers(variables) -> dict[str, dict[str, UnitPack]]:
+  """{layer path: {kind: UnitPack}} of every layer that carries unit slots."""
+  params, growth = _split(variables)
+  paths = sorted({k.rsplit("/", 1)[0] for k in growth if k.endswith("_" + INDEX)})
+  return {path: layer_packs(_sub(params, path), _sub(growth, path)) for path in paths}
+
+
+def set_packs(variables, packs: Mapping[str, Mapping[str, UnitPack]]):
+  """New variables with each named layer's packs {path: {kind: UnitPack}} set (added or
+  replaced). Works on arrays and on jax.ShapeDtypeStructs alike."""
+  params, growth = _split(variables)
+  for path, by_kind in packs.items():
+    for kind, pack in by_kind.items():
+      for field, value in pack.params.items():
+        params[f"{path}/{param_name(kind, field)}"] = value
+      growth[f"{path}/{param_name(kind, INDEX)}"] = pack.index
+      growth[f"{path}/{param_name(kind, AT_DEPTH)}"] = pack.at_depth
   new = dict(variables)
   new["params"] = traverse_util.unflatten_dict(params, sep="/")
   if growth:
@@ -139,13 +181,86 @@ def add_unit_stages(variables, stages: Mapping[str, UnitStage]):
   return new
 
 
+def abstract_pack(kind: str, depths: int, slots: int, d_in: int, dtype) -> UnitPack:
+  """ShapeDtypeStructs of a pack of `slots` slots and `depths` depths (rebuilding the abstract
+  grown model before a restore)."""
+  return UnitPack(kind, jax.ShapeDtypeStruct((slots,), jnp.int32),
+                  jax.ShapeDtypeStruct((depths, slots), jnp.bool_),
+                  {f: jax.ShapeDtypeStruct(s, dtype)
+                   for f, s in unit_shapes(kind, slots, d_in).items()})
+
+
+def _pad(array, axis: int, size: int):
+  widths = [(0, 0)] * array.ndim
+  widths[axis] = (0, size - array.shape[axis])
+  return np.pad(array, widths)
+
+
+def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype) -> UnitPack:
+  """`pack` (None: empty) with the new units in its first free slots, the capacity grown to
+  capacity(total) if needed. A gated unit's depth is the number of gated units already on its
+  neuron; linear units all sit at depth 0."""
+  if pack is None:
+    pack = UnitPack(new.kind, np.zeros(0, np.int32), np.zeros((1, 0), bool),
+                    {f: np.zeros(s, dtype) for f, s in unit_shapes(new.kind, 0, d_in).items()})
+  index, at_depth = np.asarray(pack.index), np.asarray(pack.at_depth)
+  live = at_depth.any(axis=0)
+  used, n = int(live.sum()), len(new.index)
+  slots = capacity(used + n)
+  new_index = np.asarray(new.index, np.int32)
+  if new.kind == "gated":
+    depth = np.array([np.sum(live & (index == j)) for j in new_index], np.int64)
+  else:
+    depth = np.zeros(n, np.int64)
+  depths = max(at_depth.shape[0], int(depth.max(initial=0)) + 1)
+  index = _pad(index, 0, slots)
+  index[used:used + n] = new_index
+  at_depth = _pad(_pad(at_depth, 1, slots), 0, depths)
+  at_depth[depth, np.arange(used, used + n)] = True
+  params = {}
+  for field, value in pack.params.items():
+    padded = jnp.pad(jnp.asarray(value, dtype), [(0, slots - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
+    params[field] = padded.at[used:used + n].set(jnp.asarray(new.params[field], dtype))
+  return UnitPack(new.kind, jnp.asarray(index), jnp.asarray(at_depth), params)
+
+
+def add_unit_packs(variables, units: Mapping[str, NewUnits]):
+  """New variables with the units {path: NewUnits} added to each named layer (pure).
+
+  `path` is the layer's module path, "blocks_0/attn/qkv". Slots already used keep their place
+  (and so their optimizer state); parameters are cast to the layer kernel's dtype.
+  """
+  params, _ = _split(variables)
+  current = grown_layers(variables)
+  packs = {}
+  for path, new in units.items():
+    kernel = params[f"{path}/kernel"]
+    old = current.get(path, {}).get(new.kind)
+    packs[path] = {new.kind: _appended(old, new, kernel.shape[0], kernel.dtype)}
+  return set_packs(variables, packs)
+
+
 def switch_off_units(variables):
   """The variables with every unit parameter zeroed: each unit's contribution is then exactly
   0 (a = 0; p+ = p- = 0), so the model computes its ungrown function."""
   params = traverse_util.flatten_dict(variables["params"], sep="/")
-  off = {k: jnp.zeros_like(v) if _stage_of(k.rsplit("/", 1)[-1]) is not None else v
+  off = {k: jnp.zeros_like(v) if is_unit_param(k.rsplit("/", 1)[-1]) else v
          for k, v in params.items()}
   return {**variables, "params": traverse_util.unflatten_dict(off, sep="/")}
+
+
+def live_slots(variables):
+  """A tree like variables["params"]: for each unit field the [C] bool of its slots that hold a
+  unit, True for every other parameter (optim.adamw counts steps only where True)."""
+  growth = traverse_util.flatten_dict(variables.get(GROWTH_COLLECTION, {}), sep="/")
+
+  def live(path, _):
+    *layer, name = [k.key for k in path]
+    kind = _kind_of(name)
+    if kind is None:
+      return jnp.bool_(True)
+    return jnp.any(growth["/".join(layer + [param_name(kind, AT_DEPTH)])], axis=0)
+  return jax.tree_util.tree_map_with_path(live, variables["params"])
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -185,32 +300,35 @@ def linear_unit(p: jax.Array, activation: str = "gelu") -> jax.Array:
   return s(p) - s(jnp.zeros((), p.dtype)) + p
 
 
-def _projections(stage: UnitStage) -> tuple[jax.Array, jax.Array]:
-  """(weights [n, d_in], offsets [n]) of the stage's units: r.x~ for gated units, q.x~ with
+def _projections(pack: UnitPack, dtype) -> tuple[jax.Array, jax.Array]:
+  """(weights [C, d_in], offsets [C]) of the pack's slots: r.x~ for gated units, q.x~ with
   q = p+ + p- for linear ones."""
-  if stage.kind == "gated":
-    r = stage.params["r"]
+  if pack.kind == "gated":
+    r = pack.params["r"].astype(dtype)
     return r[:, :-1], r[:, -1]
-  return stage.params["w"][0] + stage.params["w"][1], stage.params["b"][0] + stage.params["b"][1]
+  w, b = pack.params["w"].astype(dtype), pack.params["b"].astype(dtype)
+  return w[:, 0] + w[:, 1], b[:, 0] + b[:, 1]
 
 
-def apply_unit_stages(y, x, stages: list[UnitStage], activation: str = "gelu"):
-  """Applies the stages to y [..., d_out], in order; x [..., d_in] is the layer's input.
+def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gelu"):
+  """Applies the packs to y [..., d_out] (linear units, then gated ones by depth); x [..., d_in]
+  is the layer's input. One matmul on x per kind (x~ = [x, 1] is never built: the offsets are
+  added); masked slots add exactly 0 and get no gradient. Never a loop over neurons."""
+  for kind in UNIT_KINDS:
+    if kind not in packs:
+      continue
+    pack = packs[kind]
+    weights, offsets = _projections(pack, y.dtype)
+    p = jnp.einsum("...i,ni->...n", x, weights) + offsets
+    if kind == "linear":
+      y = y.at[..., pack.index].add(jnp.where(pack.live, linear_unit(p, activation), 0))
+      continue
+    gain = pack.params["a"].astype(y.dtype)
 
-  The projections of every stage come from one matmul on x (x~ = [x, 1] is never built: the
-  offsets are added); then one gather and one scatter per stage, in order, since a gated stage
-  reads the neuron outputs of the stages before it. Never a loop over neurons.
-  """
-  weights, offsets = zip(*map(_projections, stages))
-  projections = jnp.einsum("...i,ni->...n", x, jnp.concatenate(weights)) + jnp.concatenate(offsets)
-  splits = np.cumsum([len(stage.index) for stage in stages])[:-1]
-  for stage, p in zip(stages, jnp.split(projections, splits, axis=-1)):
-    if stage.kind == "gated":
-      z = jnp.take(y, stage.index, axis=-1)
-      unit = stage.params["a"] * skip_unit(z, p, activation)
-    else:
-      unit = linear_unit(p, activation)
-    y = y.at[..., stage.index].add(unit)
+    def add_depth(y, at_depth):
+      z = jnp.take(y, pack.index, axis=-1)
+      return y.at[..., pack.index].add(jnp.where(at_depth, gain * skip_unit(z, p, activation), 0)), None
+    y, _ = lax.scan(add_depth, y, pack.at_depth)
   return y
 
 
@@ -237,24 +355,12 @@ class GrowableDense(nn.Module):
     y = lax.dot_general(
         inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    stages = self.unit_stages(y.dtype)
-    if not stages:
+    packs = layer_packs(self.variables.get("params", {}),
+                        self.variables.get(GROWTH_COLLECTION, {}))
+    if not packs:
       return y
-    out = apply_unit_stages(y, inputs, stages, self.unit_activation)
+    out = apply_unit_packs(y, inputs, packs, self.unit_activation)
     if self.is_mutable_collection(CONTRIBUTION[0]):
       tokens = tuple(range(out.ndim - 1))
       self.sow(*CONTRIBUTION, jnp.mean(jnp.abs(out - y).astype(jnp.float32), axis=tokens))
     return out
-
-  def unit_stages(self, dtype) -> list[UnitStage]:
-    """Every stage present in this layer's variables, in order, its parameters in `dtype`."""
-    params = self.variables.get("params", {})
-    stages = []
-    for k in range(num_stages(params)):
-      kind = stage_kind(params, k)
-      *param_names, index_name = unit_param_names(k, kind)
-      stages.append(UnitStage(
-          kind, self.get_variable(GROWTH_COLLECTION, index_name),
-          {field: jnp.asarray(params[name], dtype)
-           for field, name in zip(UNIT_KINDS[kind], param_names)}))
-    return stages

@@ -1,5 +1,10 @@
 """AdamW whose bias correction counts steps per parameter, so parameters born at a growth
-event take their first steps like a fresh Adam (see grow.migrate_opt_state)."""
+event take their first steps like a fresh Adam (see grow.migrate_opt_state).
+
+Unit fields hold many units in slots along their first axis (layers.py), born at different
+events, so their step counts are kept per slot; `tx.update(..., live=layers.live_slots(v))`
+counts a slot's steps only while it holds a unit, and a padded slot never steps.
+"""
 
 from typing import NamedTuple
 
@@ -11,33 +16,48 @@ from hetscale_jax import layers
 
 
 class ScaleByAdamPerParamState(NamedTuple):
-  count: optax.Params  # int32 [] per parameter leaf: steps that parameter has taken
+  count: optax.Params  # int32 per parameter leaf ([] ), or per slot ([C]) for unit fields
   mu: optax.Updates
   nu: optax.Updates
 
 
+def _step_counts(params):
+  def zeros(path, leaf):
+    per_slot = layers.is_unit_param(path[-1].key)
+    return jnp.zeros(jnp.shape(leaf)[:1] if per_slot else [], jnp.int32)
+  return jax.tree_util.tree_map_with_path(zeros, params)
+
+
+def _bias_correction(moment, decay: float, count):
+  """optax's bias correction with a count per leaf or per slot (leading axis); a count of 0
+  (a slot that never stepped, whose moments are 0) leaves the moment at 0."""
+  count = jnp.reshape(jnp.maximum(count, 1), jnp.shape(count) + (1,) * (moment.ndim - jnp.ndim(count)))
+  return optax.tree.bias_correction(moment, decay, count)
+
+
 def scale_by_adam_per_param(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                            ) -> optax.GradientTransformation:
+                            ) -> optax.GradientTransformationExtraArgs:
   """optax.scale_by_adam, from optax's own tree helpers, with one step count per parameter leaf
-  instead of one shared: each leaf's bias correction uses its own count."""
+  (per slot for unit fields) instead of one shared. The optional `live` (a tree like the params
+  of bools, layers.live_slots) says where a step is counted; without it every count steps."""
 
   def init_fn(params):
-    return ScaleByAdamPerParamState(
-        count=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
-        mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params))
+    return ScaleByAdamPerParamState(count=_step_counts(params), mu=optax.tree.zeros_like(params),
+                                    nu=optax.tree.zeros_like(params))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, live=None, **extra_args):
+    del params, extra_args
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    count = jax.tree.map(optax.safe_int32_increment, state.count)
+    live = jax.tree.map(lambda _: True, state.count) if live is None else live
+    count = jax.tree.map(lambda c, step: c + jnp.asarray(step, jnp.int32), state.count, live)
 
     def corrected(moments, decay):
-      return jax.tree.map(lambda m, c: optax.tree.bias_correction(m, decay, c), moments, count)
+      return jax.tree.map(lambda m, c: _bias_correction(m, decay, c), moments, count)
     updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), corrected(mu, b1), corrected(nu, b2))
     return updates, ScaleByAdamPerParamState(count, mu, nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def decay_mask(params):

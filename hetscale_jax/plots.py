@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 
-from flax import traverse_util
 import jax
 from matplotlib import colormaps
 from matplotlib import colors
@@ -104,12 +103,12 @@ def units_per_neuron(variables) -> dict[str, np.ndarray]:
   """{path: units stacked on each neuron} for every dense layer, in block order, read from
   the unit indices of the variables' growth collection."""
   layers_spec = spec.from_variables(variables)["layers"]
-  indices = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
+  grown = layers.grown_layers(variables)
   units = {}
   for path in sorted(layers_spec, key=layer_order):
     units[path] = np.zeros(layers_spec[path]["d_out"], np.int32)
-    for stage in range(len(layers_spec[path]["units"])):
-      np.add.at(units[path], np.asarray(indices[f"{path}/{layers.unit_param_names(stage)[-1]}"]), 1)
+    for pack in grown.get(path, {}).values():
+      np.add.at(units[path], np.asarray(pack.index)[np.asarray(pack.live)], 1)
   return units
 
 

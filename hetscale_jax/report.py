@@ -11,8 +11,10 @@ FLOPs are counted analytically, per image and forward pass, from the architectur
 2 x the multiply-adds of the patch embedding, of every dense layer (on every token; the head
 on the class token only), of attention's two token-by-token products and of each unit's
 r . x~ (d_in multiply-adds; its last entry is an offset). Elementwise work (norms, softmax,
-activations, bias adds, the units' three activations) is left out; the count equals that of
-every dot_general and convolution in the model's jaxpr (tests/test_report.py checks this).
+activations, bias adds, the units' three activations) is left out. Counted with every unit
+slot as a unit, the count equals that of every dot_general and convolution in the model's
+jaxpr (tests/test_report.py checks this); the report counts the units the model has, not the
+padded slots its program also computes (layers.py).
 """
 
 import argparse
@@ -39,7 +41,7 @@ def forward_flops(architecture: dict, image_shape: Sequence[int], patch_size: in
   for path, layer in layers.items():
     rows = 1 if path == "head" else tokens
     flops += 2 * rows * layer["d_in"] * layer["d_out"]
-    flops += 2 * rows * sum(layer["units"]) * layer["d_in"]  # r . x~ = r[:-1] . x + r[-1]
+    flops += 2 * rows * spec.layer_units(layer) * layer["d_in"]  # r . x~ = r[:-1] . x + r[-1]
     if path.endswith("/qkv"):  # q k^T and softmax(.) v, each tokens^2 x heads * head_dim
       flops += 2 * 2 * tokens * tokens * (layer["d_out"] // 3)
   return flops

@@ -1,28 +1,33 @@
-"""Architecture summary of a (grown) model as JSON: base widths, units per layer and stage, and
-each stage's unit kind.
+"""Architecture summary of a (grown) model as JSON: base widths, and per layer and unit kind
+the units at each depth and the slots that hold them.
 
 Stored in every checkpoint so that the grown model's abstract variables can be rebuilt
-before restoring into them: `abstract_variables(spec, base)` adds the unit stages to the
+before restoring into them: `abstract_variables(spec, base)` adds the unit packs to the
 abstract variables of the ungrown model (jax.eval_shape of model.init).
 """
 
 import json
 
-from clu import parameter_overview
 from flax import traverse_util
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from hetscale_jax import layers
 
-FORMAT_VERSION = 2
-# Format 1 predates the unit kinds: every stage of it holds gated units.
-_READABLE = {1, FORMAT_VERSION}
+FORMAT_VERSION = 3
+# Formats 1 and 2 stored one set of arrays per growth event ("units{k}_r", ...); format 3
+# packs each kind's units into one set per layer. A model without units reads the same in all.
+_READABLE = {1, 2, FORMAT_VERSION}
 
 
-def count_params(params) -> int:
-  """Parameters of a (grown) parameter tree."""
-  return int(parameter_overview.count_parameters(params))
+def count_params(variables) -> int:
+  """Parameters of a (grown) model: every parameter, but of the unit fields only the slots
+  that hold a unit (padded slots are no parameters of the model)."""
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  live = traverse_util.flatten_dict(layers.live_slots(variables), sep="/")
+  return sum(int(np.prod(np.shape(v)[1:])) * int(np.sum(live[k]))
+             if layers.is_unit_param(k.rsplit("/", 1)[-1]) else int(np.size(v))
+             for k, v in params.items())
 
 
 def _layer_kernels(params) -> dict[str, tuple[int, int]]:
@@ -32,17 +37,17 @@ def _layer_kernels(params) -> dict[str, tuple[int, int]]:
 
 
 def from_variables(variables) -> dict:
-  """{"format", "layers": {path: {"d_in", "d_out", "units": [units per stage], "kinds": [unit
-  kind per stage]}}} for every dense layer (2-d kernel); "units" and "kinds" are empty for a
-  layer that never grew."""
-  growth = traverse_util.flatten_dict(variables.get(layers.GROWTH_COLLECTION, {}), sep="/")
-  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  """{"format", "layers": {path: {"d_in", "d_out", "units": {kind: [units at each depth]},
+  "slots": {kind: slots}}}} for every dense layer (2-d kernel); "units" and "slots" are empty
+  for a layer that never grew."""
+  grown = layers.grown_layers(variables)
   summary = {}
   for path, (d_in, d_out) in sorted(_layer_kernels(variables["params"]).items()):
-    kinds = [layers.stage_kind(params, k, path) for k in range(layers.num_stages(params, path))]
-    units = [int(growth[f"{path}/{layers.unit_param_names(k, kind)[-1]}"].shape[0])
-             for k, kind in enumerate(kinds)]
-    summary[path] = {"d_in": d_in, "d_out": d_out, "units": units, "kinds": kinds}
+    packs = grown.get(path, {})
+    summary[path] = {
+        "d_in": d_in, "d_out": d_out,
+        "units": {kind: np.sum(np.asarray(p.at_depth), axis=1).tolist() for kind, p in packs.items()},
+        "slots": {kind: int(np.shape(p.index)[0]) for kind, p in packs.items()}}
   return {"format": FORMAT_VERSION, "layers": summary}
 
 
@@ -56,52 +61,61 @@ def from_json(text: str) -> dict:
 
 
 def upgrade(spec: dict) -> dict:
-  """A spec of any readable format in the current one (format 1: gated units only)."""
+  """A spec of any readable format in the current one. A format 1 or 2 spec of a grown model
+  is refused: its units are stored per event, which this version does not read."""
   if spec.get("format") not in _READABLE:
     raise ValueError(f"architecture spec format {spec.get('format')!r} is not one of the "
                      f"supported {sorted(_READABLE)}")
+  if spec["format"] == FORMAT_VERSION:
+    return spec
+  if any(layer["units"] for layer in spec["layers"].values()):
+    raise ValueError(
+        f"this checkpoint stores its units per growth event (architecture format "
+        f"{spec['format']}), this version packs them per layer (format {FORMAT_VERSION}): "
+        "resume or export it with the release that wrote it")
   return {"format": FORMAT_VERSION, "layers": {
-      path: {"kinds": ["gated"] * len(layer["units"]), **layer}
+      path: {"d_in": layer["d_in"], "d_out": layer["d_out"], "units": {}, "slots": {}}
       for path, layer in spec["layers"].items()}}
 
 
 def abstract_variables(spec: dict, base):
   """The abstract variables of the grown model: `base` (abstract variables of the ungrown
-  model) plus each layer's unit stages. Checks that the base widths agree with the spec."""
+  model) plus each layer's unit packs. Checks that the base widths agree with the spec."""
   kernels = _layer_kernels(base["params"])
   params = traverse_util.flatten_dict(base["params"], sep="/")
   for path, layer in spec["layers"].items():
     if kernels.get(path) != (layer["d_in"], layer["d_out"]):
       raise ValueError(f"spec layer {path!r} is {layer['d_in']}x{layer['d_out']} but the model "
                        f"has {kernels.get(path)}: the checkpoint belongs to another architecture")
-  def abstract_stage(path, layer, stage):
-    kind, n, dtype = layer["kinds"][stage], layer["units"][stage], params[f"{path}/kernel"].dtype
-    return layers.UnitStage(kind, jax.ShapeDtypeStruct((n,), jnp.int32), {
-        field: jax.ShapeDtypeStruct(shape, dtype)
-        for field, shape in layers.unit_shapes(kind, n, layer["d_in"]).items()})
+  return layers.set_packs(base, {
+      path: {kind: layers.abstract_pack(kind, len(per_depth), layer["slots"][kind],
+                                        layer["d_in"], params[f"{path}/kernel"].dtype)
+             for kind, per_depth in layer["units"].items()}
+      for path, layer in spec["layers"].items() if layer["units"]})
 
-  out = base
-  for stage in range(max((len(layer["units"]) for layer in spec["layers"].values()), default=0)):
-    out = layers.add_unit_stages(out, {
-        path: abstract_stage(path, layer, stage)
-        for path, layer in spec["layers"].items() if stage < len(layer["units"])})
-  return out
+
+def layer_units(layer: dict) -> int:
+  """Units on one layer of a spec, of every kind."""
+  return sum(sum(per_depth) for per_depth in layer["units"].values())
+
+
+def num_units(spec: dict) -> int:
+  """Units in the model."""
+  return sum(layer_units(layer) for layer in spec["layers"].values())
 
 
 def unit_params(spec: dict) -> int:
   """Parameters held by units (layers.unit_param_count of each)."""
-  return sum(n * layers.unit_param_count(kind, layer["d_in"])
-             for layer in spec["layers"].values() for n, kind in zip(layer["units"], layer["kinds"]))
+  return sum(sum(per_depth) * layers.unit_param_count(kind, layer["d_in"])
+             for layer in spec["layers"].values() for kind, per_depth in layer["units"].items())
 
 
 def describe(spec: dict) -> str:
-  """One line per layer that grew: its units per stage."""
+  """One line per layer that grew: its units of each kind, at each depth."""
   lines = []
   for path, layer in spec["layers"].items():
-    if layer["units"]:
-      total = sum(layer["units"])
-      kinds = "/".join(sorted(set(layer["kinds"])))
-      lines.append(f"{path:<28} {layer['d_in']:>5}->{layer['d_out']:<5} units/stage "
-                   f"{layer['units']}  ({total} {kinds} units on a layer of {layer['d_out']} "
-                   "neurons)")
+    for kind, per_depth in layer["units"].items():
+      lines.append(f"{path:<28} {layer['d_in']:>5}->{layer['d_out']:<5} {sum(per_depth):>5} "
+                   f"{kind} units on {layer['d_out']} neurons, per depth {per_depth} "
+                   f"({layer['slots'][kind]} slots)")
   return "\n".join(lines) if lines else "(no units)"

@@ -136,7 +136,8 @@ def make_train_step(model, tx, config, num_classes: int):
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   live=layers.live_slots(state.variables))
     params = optax.apply_updates(state.params, updates)
     # A non-finite step changes nothing; the host stops at its next check, naming the step.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -296,7 +297,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   writer = writers.create(workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
-  num_params = spec.count_params(state.params)
+  num_params = spec.count_params(state.variables)
   base_params = growth_log[0]["params_before"] if growth_log else num_params
   lr_schedule = learning_rate_schedule(config, steps_per_epoch)
   weights = event_weights(config, lr_schedule, events)
@@ -403,7 +404,7 @@ def write_summary(workdir: str, info, state: TrainState, last_eval: dict, total_
                   base_params: int, growth_log: list[dict], **extra) -> dict:
   """summary.json (which marks the run finished), the final figures and the closing lines."""
   architecture = spec.from_variables(state.variables)
-  summary = {"dataset": info.name, "eval": last_eval, "params": spec.count_params(state.params),
+  summary = {"dataset": info.name, "eval": last_eval, "params": spec.count_params(state.variables),
              "base_params": base_params, "steps": total_steps, "growth_events": growth_log,
              "architecture": architecture, **extra}
   workdir_lib.write_summary(workdir, summary)

@@ -133,8 +133,8 @@ def test_checkpoint_after_growth_restores_the_grown_model(stopped):
   assert [e["step"] for e in restored.growth_events] == [22]
   units = {path: layer["units"] for path, layer in
            checkpoint.read_latest(stopped).architecture["layers"].items() if layer["units"]}
-  assert units and all(len(u) == 1 for u in units.values())
-  assert spec.count_params(restored.state.params) == restored.growth_events[0]["params_after"]
+  assert units and all(list(u) == ["linear"] and len(u["linear"]) == 1 for u in units.values())
+  assert spec.count_params(restored.state.variables) == restored.growth_events[0]["params_after"]
 
 
 # ---------------------------------------------------------------------------- kills
@@ -409,7 +409,7 @@ def test_export_writes_variables_spec_and_summary_that_research_code_can_load(
   with open(os.path.join(out, "architecture.txt")) as f:
     text = f.read()
   assert f"parameters: {ref['params']:,} = {ref['base_params']:,} before growth" in text
-  assert "units/stage" in text
+  assert "linear units on" in text
 
   with pytest.raises(SystemExit, match="exists; nothing was overwritten"):
     export.main(["--workdir", ref_dir, "--out", out])

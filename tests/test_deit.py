@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hetscale_jax.layers import unit_param_names
+from hetscale_jax import grow
 from hetscale_jax.models import deit
 
 # A small DeiT for the numerical tests.
@@ -245,18 +245,11 @@ def test_units_in_the_variables_are_applied():
   model = _small()
   images = jax.random.normal(jax.random.key(1), (2, IMG, IMG, 3))
   variables = model.init(jax.random.key(0), images)
-  r_name, a_name, index_name = unit_param_names(0)
-  params = jax.tree.map(lambda x: x, variables["params"])  # a copy to add the units to
-  fc1 = params["blocks_0"]["mlp"]["fc1"]
-  fc1[r_name] = jax.random.normal(jax.random.key(2), (2, 32 + 1))
-  fc1[a_name] = jnp.zeros(2)
-  growth = {"blocks_0": {"mlp": {"fc1": {index_name: jnp.array([3, 7], jnp.int32)}}}}
-
+  r = jax.random.normal(jax.random.key(2), (2, 32 + 1))
+  place = lambda gain: grow.add_units(variables, {"blocks_0/mlp/fc1": ([3, 7], r, gain)})
   base = model.apply(variables, images)
-  np.testing.assert_allclose(model.apply({"params": params, "growth": growth}, images), base,
-                             rtol=0, atol=1e-6)
-  fc1[a_name] = jnp.ones(2)
-  assert not np.allclose(model.apply({"params": params, "growth": growth}, images), base)
+  np.testing.assert_allclose(model.apply(place(jnp.zeros(2)), images), base, rtol=0, atol=1e-6)
+  assert not np.allclose(model.apply(place(jnp.ones(2)), images), base)
 
 
 def test_drop_path():

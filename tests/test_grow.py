@@ -176,11 +176,11 @@ def float64_problem(model):
   return make_mlp(jnp.float64) if model == "mlp" else make_deit(jnp.float64)
 
 
-def with_gain(variables, stage, value):
-  """A copy of grown variables with every units{stage}_a set to `value`."""
-  a_name = layers.unit_param_names(stage)[1]
+def with_gain(variables, value, first_slot=0):
+  """A copy of grown variables with every gated gain from slot `first_slot` on set to `value`
+  (slots fill in the order units were added; empty slots stay inert whatever their gain)."""
   return {**variables, "params": jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.full_like(x, value) if path[-1].key == a_name else x,
+      lambda path, x: x.at[first_slot:].set(value) if path[-1].key == "gated_a" else x,
       variables["params"])}
 
 
@@ -200,13 +200,13 @@ def test_exact_growth_leaves_logits_unchanged(x64, model):
       node = grown["params"]
       for key in path.split("/"):
         node = node[key]
-      assert node["units0_r"].dtype == dtype and node["units0_a"].dtype == dtype
-      assert node["units0_r"].shape == (len(index), node["kernel"].shape[0] + 1)
-      assert np.all(np.asarray(node["units0_a"]) == 0)
+      assert node["gated_r"].dtype == dtype and node["gated_a"].dtype == dtype
+      assert node["gated_r"].shape == (layers.capacity(len(index)), node["kernel"].shape[0] + 1)
+      assert np.all(np.asarray(node["gated_a"]) == 0)
     before, after = apply(variables), apply(grown)
     assert float(jnp.max(jnp.abs(after - before))) <= tol
     # With a = 1 the same units do change the logits: they are in the computation.
-    assert float(jnp.max(jnp.abs(apply(with_gain(grown, 0, 1.0)) - before))) > 1e3 * tol
+    assert float(jnp.max(jnp.abs(apply(with_gain(grown, 1.0)) - before))) > 1e3 * tol
 
 
 def gain_gradients(problem, grown, plan):
@@ -216,7 +216,8 @@ def gain_gradients(problem, grown, plan):
     node, grads_node = grown["params"], grads
     for key in path.split("/"):
       node, grads_node = node[key], grads_node[key]
-    out[path] = (np.asarray(grads_node["units0_a"]), np.asarray(node["units0_r"]))
+    n = len(plan.indices[path])  # the first units fill the first slots
+    out[path] = (np.asarray(grads_node["gated_a"])[:n], np.asarray(node["gated_r"])[:n])
   return out
 
 
@@ -280,12 +281,12 @@ def test_split_mode_loss_drop_matches_prediction(x64, model):
   assert grow.predicted_split_change(plans["eigenvectors"], spectrum, 0.025) < 0
 
 
-def test_growing_twice_stacks_a_second_stage(x64):
+def test_growing_twice_stacks_units_by_depth(x64):
   problem = make_mlp(jnp.float64)
   spectrum = exact_spectrum(problem)
   plan = grow.select(spectrum, budget=10**9, rule="random", max_layer_fraction=0.5, rng=jax.random.key(0))
   once = grow.grow(problem.variables, plan, spectrum, mode="split", unit_scale=0.5)
-  # The second spectrum sees the first stage's units in z (a = 1, so they matter).
+  # The second spectrum sees the first units in z (a = +-1, so they matter).
   spectrum2 = exact_spectrum(problem, once)
   stats2 = capture_layer_statistics(problem.loss_fn, once, problem.batch)
   matrices = explicit_splitting_matrices(stats2)
@@ -300,19 +301,27 @@ def test_growing_twice_stacks_a_second_stage(x64):
   plan2 = grow.select(spectrum2, budget=10**9, rule="random", max_layer_fraction=1.0, rng=jax.random.key(1))
   twice = grow.grow(once, plan2, spectrum2, mode="exact")
   summary = spec.from_variables(twice)["layers"]
+  packs = layers.grown_layers(twice)
   for path in spectrum:
-    assert summary[path]["units"] == [len(plan.indices.get(path, []))] * (path in plan.indices) \
-        + [len(plan2.indices[path])], path
-    node = twice["params"][path]
-    assert "units1_r" in node and "units1_a" in node
-    assert "units1_index" in twice[layers.GROWTH_COLLECTION][path]
-    if path in plan.indices:  # stage 0 untouched
-      np.testing.assert_array_equal(node["units0_r"], once["params"][path]["units0_r"])
-  assert layers.num_stages(twice["params"]["dense_0"]) == 2
+    first, second = plan.indices.get(path, np.zeros(0, int)), plan2.indices[path]
+    # A unit's depth is the number of units already on its neuron.
+    stacked = np.isin(second, first)
+    expected = [len(first) + int(np.sum(~stacked))] + [int(np.sum(stacked))] * bool(np.any(stacked))
+    assert summary[path]["units"] == {"gated": expected}, path
+    pack = packs[path]["gated"]
+    n = len(first)
+    np.testing.assert_array_equal(np.asarray(pack.index)[n:n + len(second)], second)
+    if n:  # the first units keep their slots
+      np.testing.assert_array_equal(pack.params["r"][:n], once["params"][path]["gated_r"][:n])
+      np.testing.assert_array_equal(np.asarray(pack.at_depth)[1, n:n + len(second)], stacked)
+  assert any(len(s["units"]["gated"]) == 2 for s in summary.values())  # some neuron stacks
   apply = jax.jit(problem.model.apply)
   inputs = problem.batch[0]
   assert float(jnp.max(jnp.abs(apply(twice, inputs) - apply(once, inputs)))) <= 1e-12
-  assert float(jnp.max(jnp.abs(apply(with_gain(twice, 1, 1.0), inputs) - apply(once, inputs)))) > 1e-6
+  first_slots = {p: len(plan.indices.get(p, [])) for p in spectrum}
+  second_on = {**twice, "params": {p: {**v, "gated_a": v["gated_a"].at[first_slots[p]:].set(1.0)}
+                                   for p, v in twice["params"].items()}}
+  assert float(jnp.max(jnp.abs(apply(second_on, inputs) - apply(once, inputs)))) > 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,24 +388,25 @@ def test_migrate_opt_state_and_first_update_of_new_parameters(which):
   fresh = _leaves_by_path(tx.init(grown["params"]))
   for key in set(new) - set(old):
     np.testing.assert_array_equal(new[key], fresh[key], err_msg=key)
-    assert "units0" in key
+    assert "gated_" in key
 
   grads = params_grad(problem.loss_fn, grown, problem.batch)
-  updates, _ = jax.jit(tx.update)(grads, new_state, grown["params"])
+  updates, _ = jax.jit(tx.update)(grads, new_state, grown["params"], live=layers.live_slots(grown))
+  live = {p: slice(0, len(index)) for p, index in plan.indices.items()}  # the first slots
   ratios = []
   for path in plan.indices:
-    g_a = np.asarray(grads[path]["units0_a"], np.float64)
-    u_a = np.asarray(updates[path]["units0_a"], np.float64)
+    g_a = np.asarray(grads[path]["gated_a"][live[path]], np.float64)
+    u_a = np.asarray(updates[path]["gated_a"][live[path]], np.float64)
     fresh_adam = -lr * g_a / (np.abs(g_a) + 1e-8)
     assert np.all(g_a != 0), path  # dL/da = 1/2 r^T S r is not zero (eps is in the formulas)
     ratios.append(u_a / fresh_adam)
     # The direction r has zero gradient at a = 0: its first update is weight decay alone.
-    r = np.asarray(grown["params"][path]["units0_r"], np.float64)
-    np.testing.assert_array_equal(np.asarray(grads[path]["units0_r"]), 0.0)
-    np.testing.assert_allclose(np.asarray(updates[path]["units0_r"]), -lr * weight_decay * r,
+    r = np.asarray(grown["params"][path]["gated_r"], np.float64)
+    np.testing.assert_array_equal(np.asarray(grads[path]["gated_r"]), 0.0)
+    np.testing.assert_allclose(np.asarray(updates[path]["gated_r"]), -lr * weight_decay * r,
                                rtol=1e-5, atol=1e-12)
   ratios = np.concatenate(ratios)
-  all_g = np.concatenate([np.asarray(grads[p]["units0_a"]) for p in plan.indices])
+  all_g = np.concatenate([np.asarray(grads[p]["gated_a"][live[p]]) for p in plan.indices])
   assert np.median(np.abs(all_g)) > 1e-5  # most gains have gradients far above Adam's eps
   b1, b2 = 0.9, 0.999
   if which == "per_param":
@@ -408,7 +418,7 @@ def test_migrate_opt_state_and_first_update_of_new_parameters(which):
     # The shared count says `steps`: bias corrections ~1 applied to one-step moments, so
     # m_hat = (1-b1) g / (1-b1^t), sqrt(v_hat) = sqrt((1-b2) / (1-b2^t)) |g|, t = steps + 1.
     t = steps + 1
-    g_a = np.concatenate([np.asarray(grads[p]["units0_a"], np.float64) for p in plan.indices])
+    g_a = np.concatenate([np.asarray(grads[p]["gated_a"][live[p]], np.float64) for p in plan.indices])
     stock = ((1 - b1) / (1 - b1**t) * g_a
              / (np.sqrt((1 - b2) / (1 - b2**t)) * np.abs(g_a) + 1e-8))
     predicted = stock / (g_a / (np.abs(g_a) + 1e-8))

@@ -1,16 +1,17 @@
 """GrowableDense: equal to nn.Dense without units; units are exact at a = 0, second order in
-split mode, and stages stack in order."""
+split mode, stack in order by depth, and padded slots are exactly inert."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import special
 
 from conftest import gelu_second_derivative
-from hetscale_jax import layers
-from hetscale_jax.layers import GrowableDense, unit_param_names
+from hetscale_jax import grow, layers, optim
+from hetscale_jax.layers import GrowableDense
 
 D_IN, D_OUT = 5, 6
 
@@ -20,14 +21,13 @@ def _inputs(dtype, shape=(2, 3, D_IN), seed=0):
 
 
 def _variables_with_stages(base_params, stages):
-  """Variables of a GrowableDense with the given [(index, r, a), ...] unit stages."""
-  params = dict(base_params)
-  growth = {}
-  for k, (index, r, a) in enumerate(stages):
-    r_name, a_name, index_name = unit_param_names(k)
-    params[r_name], params[a_name] = r, a
-    growth[index_name] = jnp.asarray(index, jnp.int32)
-  return {"params": params, layers.GROWTH_COLLECTION: growth}
+  """Variables of a GrowableDense with the gated units [(index, r, a), ...] added in order,
+  one growth event each."""
+  variables = {"params": {"dense": base_params}}
+  for index, r, a in stages:
+    variables = layers.add_unit_packs(
+        variables, {"dense": layers.NewUnits("gated", index, {"r": r, "a": a})})
+  return jax.tree.map(lambda tree: tree["dense"], variables, is_leaf=lambda t: "dense" in t)
 
 
 def _base_params(dtype, seed=1):
@@ -131,3 +131,60 @@ def test_stages_apply_in_order(x64, activation, reference):
 def test_unknown_unit_activation_raises():
   with pytest.raises(ValueError, match="unknown unit activation"):
     layers.activation_fn("relu6")
+
+
+def test_units_stack_by_depth_in_padded_slots():
+  base = _base_params(jnp.float32)
+  stages = [_random_stage(np.array([4, 1]), 20, jnp.float32),
+            _random_stage(np.array([1, 2, 4]), 21, jnp.float32)]
+  growth = _variables_with_stages(base, stages)[layers.GROWTH_COLLECTION]
+  slots = layers.capacity(5)
+  assert slots == layers.MIN_CAPACITY
+  np.testing.assert_array_equal(growth["gated_index"], [4, 1, 1, 2, 4] + [0] * (slots - 5))
+  at_depth = np.zeros((2, slots), bool)
+  at_depth[0, [0, 1, 3]] = True  # first units on 4, 1 and 2
+  at_depth[1, [2, 4]] = True      # the second units on 1 and 4
+  np.testing.assert_array_equal(growth["gated_at_depth"], at_depth)
+  assert [layers.capacity(n) for n in (0, 1, 8, 9, 16, 17, 100)] == [8, 8, 8, 16, 16, 32, 128]
+
+
+@pytest.mark.parametrize("kind", ["gated", "linear"])
+def test_padded_slots_are_inert(kind):
+  """Whatever a padded slot holds, it adds nothing and gets no gradient; the optimizer keeps
+  its parameters and state at exactly zero over training steps, while the units step."""
+  base = _base_params(jnp.float32)
+  rng = np.random.default_rng(0)
+  first = rng.normal(size=(3, D_IN + 1)).astype(np.float32)
+  second = (rng.normal(size=3).astype(np.float32) if kind == "gated"
+            else rng.normal(size=(3, D_IN + 1)).astype(np.float32))
+  units = {"dense": (np.array([0, 2, 5]), first, second)}
+  variables = grow.add_units({"params": {"dense": base}}, units, unit=kind)
+  variables = jax.tree.map(lambda tree: tree["dense"], variables, is_leaf=lambda t: "dense" in t)
+  field = layers.param_name(kind, layers.UNIT_KINDS[kind][0])
+  x = _inputs(jnp.float32)
+  apply = jax.jit(GrowableDense(D_OUT).apply)
+  # Garbage in the padded slots (3 and on) changes nothing: they are masked.
+  garbage = {**variables, "params": {**variables["params"],
+                                     field: variables["params"][field].at[3:].set(5.0)}}
+  np.testing.assert_array_equal(apply(garbage, x), apply(variables, x))
+  grads = jax.grad(lambda p: jnp.sum(apply({**garbage, "params": p}, x) ** 2))(garbage["params"])
+  assert np.all(np.asarray(grads[field][3:]) == 0) and np.any(np.asarray(grads[field][:3]) != 0)
+
+  tx = optim.adamw(1e-2, weight_decay=0.1)
+  params, opt_state = variables["params"], tx.init(variables["params"])
+  live = layers.live_slots(variables)
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(lambda p: jnp.sum(apply({**variables, "params": p}, x) ** 2))(params)
+    updates, opt_state = tx.update(grads, opt_state, params, live=live)
+    return optax.apply_updates(params, updates), opt_state
+  for _ in range(3):
+    params, opt_state = step(params, opt_state)
+  adam = opt_state[0]
+  for name in layers.UNIT_KINDS[kind]:
+    name = layers.param_name(kind, name)
+    assert np.all(np.asarray(params[name][3:]) == 0), name
+    assert np.any(np.asarray(params[name][:3]) != np.asarray(variables["params"][name][:3])), name
+    np.testing.assert_array_equal(adam.count[name], [3, 3, 3] + [0] * (layers.MIN_CAPACITY - 3))
+    assert np.all(np.asarray(adam.mu[name][3:]) == 0) and np.all(np.asarray(adam.nu[name][3:]) == 0)

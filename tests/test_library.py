@@ -28,13 +28,11 @@ def test_readme_research_example_runs_as_written():
   namespace = {}
   exec(compile(readme_example(), str(README), "exec"), namespace)  # pylint: disable=exec-used
   variables, model, x, y = (namespace[k] for k in ("variables", "model", "x", "y"))
-  hidden = variables["params"]["hidden"]
-  last = layers.num_stages(hidden) - 1  # the hand-placed stage
-  assert layers.stage_kind(hidden, last) == "gated"
-  np.testing.assert_array_equal(variables["growth"]["hidden"][f"units{last}_index"], [0, 5])
-  kinds = {layers.stage_kind(variables["params"][p], k) for p in ("hidden", "out")
-           for k in range(layers.num_stages(variables["params"][p]))}
-  assert kinds == {"gated", "linear"}
+  packs = layers.grown_layers(variables)
+  hidden = packs["hidden"]["gated"]
+  live = np.asarray(hidden.index)[np.asarray(hidden.live)]
+  np.testing.assert_array_equal(live[-2:], [0, 5])  # the hand-placed units, added last
+  assert {kind for layer in packs.values() for kind in layer} == {"gated", "linear"}
   assert sum(grow.select(namespace["spectrum"], max_units=8).counts().values()) == 8
   np.testing.assert_allclose(model.apply(namespace["ungrown"], x),
                              model.apply(model.init(jax.random.key(2), x), x), rtol=0, atol=1e-6)
@@ -137,7 +135,7 @@ def test_hand_placed_units_are_exact_and_checked(x64, unit):
                for p, i in plan.indices.items()}
   jax.tree.map(np.testing.assert_array_equal, grow.add_units(problem.variables, by_hand, unit=unit),
                grow.grow(problem.variables, plan, spectrum))
-  with pytest.raises(ValueError, match="need shapes"):
+  with pytest.raises(ValueError, match="need arrays of shapes"):
     grow.add_units(problem.variables, {"dense_1": ([0], direction, second)}, unit=unit)
   with pytest.raises(ValueError, match="distinct neurons"):
     grow.add_units(problem.variables, {"dense_1": ([3, 3], direction, second)}, unit=unit)

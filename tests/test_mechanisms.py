@@ -40,9 +40,9 @@ def perturbed_units(variables, scale=0.3, seed=0):
 
 @pytest.mark.parametrize("model", ["mlp", "deit"])
 def test_every_unit_kind_leaves_the_function_unchanged_at_insertion(x64, model):
-  """Three stages on the same neurons (gated, linear, linear: two units of one kind on one
-  neuron, on top of a unit of the other kind), each exact at insertion to float64 rounding,
-  also on top of units that already contribute."""
+  """Three events on the same neurons (gated, linear, linear: two units of one kind on one
+  neuron, beside a unit of the other kind), each exact at insertion to float64 rounding, also
+  beside units that already contribute."""
   problem = float64_problem(model)
   spectrum = exact_spectrum(problem)
   apply = jax.jit(lambda v: problem.model.apply(v, problem.batch[0]))
@@ -55,7 +55,7 @@ def test_every_unit_kind_leaves_the_function_unchanged_at_insertion(x64, model):
     # The new stage is in the computation: moved off its insertion value, it changes the logits.
     assert float(jnp.max(jnp.abs(apply(perturbed_units(grown)) - apply(variables)))) > 1e-6
     variables = perturbed_units(grown, seed=stage)  # the next stage goes on top of live units
-  kinds = {layers.stage_kind(node(variables["params"], p), k) for p in spectrum for k in range(3)}
+  kinds = {kind for layer in layers.grown_layers(variables).values() for kind in layer}
   assert kinds == {"gated", "linear"}
 
 
@@ -80,9 +80,10 @@ def test_linear_unit_gradient_at_insertion_is_one_and_a_half_delta_x(x64, model)
       np.testing.assert_allclose(gradient, closed_form, rtol=1e-10,
                                  atol=1e-12 * np.abs(closed_form).max())
     expected = 1.5 * closed_form[neurons]
-    w, b = node(grads, path)["units0_w"], node(grads, path)["units0_b"]
+    n = len(neurons)  # the first units fill the first slots
+    w, b = node(grads, path)["linear_w"][:n], node(grads, path)["linear_b"][:n]
     for half in range(2):
-      got = np.concatenate([w[half], b[half][:, None]], axis=-1)
+      got = np.concatenate([w[:, half], b[:, half, None]], axis=-1)
       np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
     assert grow.linear_unit_slope("gelu") == 1.5
 
@@ -137,8 +138,8 @@ def test_largest_magnitude_score_and_direction_against_dense_eigh(x64, model):
     larger = np.abs(eigvals[:, -1]) > np.abs(eigvals[:, 0])
     gap = np.abs(np.abs(eigvals[:, -1]) - np.abs(eigvals[:, 0])) > 1e-6 * np.abs(eigvals).max()
     reference = np.where(larger[:, None], eigvecs[:, :, -1], eigvecs[:, :, 0])
-    r = np.asarray(node(grown["params"], path)["units0_r"]) * np.sqrt(scale)
     neurons = plan.indices[path]
+    r = np.asarray(node(grown["params"], path)["gated_r"])[:len(neurons)] * np.sqrt(scale)
     cosine = np.abs(np.sum(r * reference[neurons], axis=1))
     np.testing.assert_allclose(cosine[gap[neurons]], 1.0, atol=1e-6)
     took_max += int(np.sum(larger[neurons] & gap[neurons]))

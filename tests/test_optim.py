@@ -56,7 +56,7 @@ def test_scale_by_adam_per_param_equals_optax_without_growth(jit):
 
 
 def _grown_deit_params():
-  """Tiny DeiT params with a stage of gated units, then one of linear units, on fc1."""
+  """Tiny DeiT params with gated units, then linear units, on fc1."""
   problem = make_deit()
   spectrum = random_spectrum(problem.variables, layer_filter=lambda p: p == "blocks_0/mlp/fc1")
   variables = problem.variables
@@ -71,18 +71,18 @@ def test_decay_mask():
   mask = {jax.tree_util.keystr(k): v
           for k, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
   decayed = {k for k, v in mask.items() if v}
-  expected = {k for k in mask if k.endswith(("['kernel']", "['units0_r']", "['units1_w']"))}
+  expected = {k for k in mask if k.endswith(("['kernel']", "['gated_r']", "['linear_w']"))}
   assert decayed == expected
   # What that covers, by name: every kernel (patch embedding, qkv, proj, fc1, fc2, head) and
   # the unit weights (gated r, linear w); none of biases, norms, position embedding, class
   # token, unit gains or the linear units' offsets.
   for name in ("['patch_embed']['kernel']", "['blocks_1']['attn']['qkv']['kernel']",
                "['blocks_0']['mlp']['fc2']['kernel']", "['head']['kernel']",
-               "['blocks_0']['mlp']['fc1']['units0_r']", "['blocks_0']['mlp']['fc1']['units1_w']"):
+               "['blocks_0']['mlp']['fc1']['gated_r']", "['blocks_0']['mlp']['fc1']['linear_w']"):
     assert mask[name], name
   for name in ("['pos_embed']", "['cls_token']", "['norm']['scale']", "['norm']['bias']",
                "['blocks_0']['norm1']['scale']", "['blocks_0']['attn']['qkv']['bias']",
-               "['blocks_0']['mlp']['fc1']['units0_a']", "['blocks_0']['mlp']['fc1']['units1_b']",
+               "['blocks_0']['mlp']['fc1']['gated_a']", "['blocks_0']['mlp']['fc1']['linear_b']",
                "['patch_embed']['bias']"):
     assert not mask[name], name
   # adamw applies it: with zero gradients the update is -lr * wd * param exactly where masked.

@@ -36,19 +36,23 @@ def test_json_round_trip_rebuilds_abstract_variables():
   problem, grown, (plan1, plan2) = _grown_twice()
   text = spec.to_json(spec.from_variables(grown))
   restored = spec.from_json(text)
-  assert restored["layers"]["blocks_0/attn/qkv"]["units"] == [
-      len(plan1.indices["blocks_0/attn/qkv"]), len(plan2.indices["blocks_0/attn/qkv"])]
-  assert restored["layers"]["blocks_0/attn/qkv"]["kinds"] == ["gated", "linear"]
-  assert restored["layers"]["blocks_0/mlp/fc2"]["units"] == [len(plan1.indices["blocks_0/mlp/fc2"])]
-  assert restored["layers"]["blocks_1/attn/proj"]["units"] == []
+  qkv = restored["layers"]["blocks_0/attn/qkv"]
+  n1, n2 = len(plan1.indices["blocks_0/attn/qkv"]), len(plan2.indices["blocks_0/attn/qkv"])
+  assert qkv["units"] == {"gated": [n1], "linear": [n2]}
+  assert qkv["slots"] == {"gated": layers.capacity(n1), "linear": layers.capacity(n2)}
+  assert restored["layers"]["blocks_0/mlp/fc2"]["units"] == {
+      "gated": [len(plan1.indices["blocks_0/mlp/fc2"])]}
+  assert restored["layers"]["blocks_1/attn/proj"]["units"] == {}
   base = jax.eval_shape(problem.model.init, jax.random.key(0), problem.batch[0])
   abstract = spec.abstract_variables(restored, base)
   assert jax.tree.structure(abstract) == jax.tree.structure(grown)
   assert _shape_tree(abstract) == _shape_tree(grown)
-  # Unit parameter count: d_in + 2 per gated unit, 2 (d_in + 1) per linear one.
-  grown_size = sum(x.size for x in jax.tree.leaves(grown["params"]))
+  # Unit parameter count: d_in + 2 per gated unit, 2 (d_in + 1) per linear one; padded slots
+  # are no parameters.
   base_size = sum(x.size for x in jax.tree.leaves(base["params"]))
-  assert spec.unit_params(restored) == grown_size - base_size == plan1.num_params + plan2.num_params
+  assert (spec.unit_params(restored) == spec.count_params(grown) - base_size
+          == plan1.num_params + plan2.num_params)
+  assert sum(x.size for x in jax.tree.leaves(grown["params"])) > spec.count_params(grown)
   # The ungrown model: its spec rebuilds its own variables, with no growth collection.
   plain = spec.from_json(spec.to_json(spec.from_variables(problem.variables)))
   assert _shape_tree(spec.abstract_variables(plain, base)) == _shape_tree(base)
@@ -56,14 +60,19 @@ def test_json_round_trip_rebuilds_abstract_variables():
   assert "units" in spec.describe(restored) and spec.describe(plain) == "(no units)"
 
 
-def test_format_1_spec_reads_as_gated_units():
-  _, grown, _ = _grown_twice()
-  current = spec.from_variables(grown)
-  gated_only = {p: {**layer, "kinds": ["gated"] * len(layer["units"])}
-                for p, layer in current["layers"].items()}
-  old = {"format": 1, "layers": {p: {k: v for k, v in layer.items() if k != "kinds"}
-                                 for p, layer in gated_only.items()}}
-  assert spec.from_json(spec.to_json(old)) == {"format": spec.FORMAT_VERSION, "layers": gated_only}
+@pytest.mark.parametrize("old_format", [1, 2])
+def test_per_event_formats_read_when_ungrown_and_are_refused_when_grown(old_format):
+  problem, grown, _ = _grown_twice()
+  kinds = {"kinds": []} if old_format == 2 else {}
+  ungrown = {"format": old_format, "layers": {
+      p: {"d_in": layer["d_in"], "d_out": layer["d_out"], "units": [], **kinds}
+      for p, layer in spec.from_variables(problem.variables)["layers"].items()}}
+  assert spec.from_json(spec.to_json(ungrown)) == spec.from_variables(problem.variables)
+  grown_old = {**ungrown, "layers": {**ungrown["layers"], "blocks_0/mlp/fc2": {
+      **ungrown["layers"]["blocks_0/mlp/fc2"], "units": [3], **({"kinds": ["gated"]} if kinds else {})}}}
+  with pytest.raises(ValueError, match=f"per growth event \\(architecture format {old_format}\\).*"
+                                       f"packs them per layer \\(format {spec.FORMAT_VERSION}\\)"):
+    spec.from_json(spec.to_json(grown_old))
 
 
 def test_mismatched_base_widths_raise():

@@ -24,19 +24,15 @@ METHODS = ("collected", "streamed")
 def add_live_units(problem, seed=7):
   """The problem's model with one stage of units (non-zero gains) on two layers, so that
   "z is the neuron's current output, earlier units included" is exercised."""
-  params = dict(problem.variables["params"])
-  growth = {}
+  params = problem.variables["params"]
+  units = {}
   key = jax.random.key(seed)
   for path, index in (("dense_0", [0, 3, 5]), ("dense_1", [1, 2])):
     kernel = params[path]["kernel"]
     key, k1, k2 = jax.random.split(key, 3)
-    r_name, a_name, index_name = layers.unit_param_names(0)
-    params[path] = {**params[path],
-                    r_name: 0.5 * jax.random.normal(k1, (len(index), kernel.shape[0] + 1), kernel.dtype),
-                    a_name: 1.0 + jax.random.uniform(k2, (len(index),), kernel.dtype)}
-    growth[path] = {index_name: jnp.asarray(index, jnp.int32)}
-  variables = {"params": params, layers.GROWTH_COLLECTION: growth}
-  return dataclasses.replace(problem, variables=variables)
+    units[path] = (index, 0.5 * jax.random.normal(k1, (len(index), kernel.shape[0] + 1), kernel.dtype),
+                   1.0 + jax.random.uniform(k2, (len(index),), kernel.dtype))
+  return dataclasses.replace(problem, variables=grow.add_units(problem.variables, units))
 
 
 def problem_for(name):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from hetscale_jax import input_pipeline, sharding, train, writers
+from hetscale_jax import input_pipeline, sharding, spec, train, writers
 from hetscale_jax import workdir as workdir_lib
 
 from conftest import POISON_PIXEL, TINY_RUN_GROUP, poison_saturated_images, tiny_config
@@ -76,7 +76,7 @@ def test_training_run_grows_by_the_plan_and_keeps_learning(tiny_run):
   assert summary["eval"]["top1"] > 0.2  # 10 classes: chance is 0.1
   assert os.listdir(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR))
   assert workdir_lib.read_summary(workdir)["params"] == summary["params"]
-  grown_units = sum(sum(layer["units"]) for layer in summary["architecture"]["layers"].values())
+  grown_units = spec.num_units(summary["architecture"])
   assert grown_units == sum(sum(e["grown"].values()) for e in events)
   # The unit ablation: the intact model is the final evaluation, every grown layer's units
   # contribute, and switching them all off changes the test loss.
