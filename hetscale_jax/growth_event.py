@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from hetscale_jax import grow, losses, sharding, spec
+from hetscale_jax import compile_log, grow, losses, sharding, spec
 from hetscale_jax.layers import GROWTH_COLLECTION
 
 
@@ -120,11 +120,11 @@ def grow_state(config, model, tx, state, probe: list, *, weights_left: list[floa
   start = time.perf_counter()
   variables = {"params": state.params, GROWTH_COLLECTION: state.growth}
   loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
-  spectrum = grow.splitting_spectrum(
-      loss_fn, variables,
-      probe if len(probe) > 1 else probe[0], num_iters=g.num_iters,
-      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step), method=g.method,
-      layer_filter=eligible(tuple(g.layers)))
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # eager: not the spectrum's
+  with compile_log.program("spectrum"):
+    spectrum = grow.splitting_spectrum(
+        loss_fn, variables, probe if len(probe) > 1 else probe[0], num_iters=g.num_iters,
+        rng=rng, method=g.method, layer_filter=eligible(tuple(g.layers)))
   spectrum = sharding.host_value(spectrum)
   plan = grow.select(spectrum, event_budget(g, before, weights_left), g.threshold, rule=g.rule,
                      unit=g.unit, allocation=g.allocation, max_layer_fraction=g.max_layer_fraction,

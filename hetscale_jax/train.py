@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hetscale_jax import (ablation, checkpoint, config_lib, datasets, growth_event, input_pipeline,
-                          layers, losses, optim, plots, sharding, spec, writers)
+from hetscale_jax import (ablation, checkpoint, compile_log, config_lib, datasets, growth_event,
+                          input_pipeline, layers, losses, optim, plots, sharding, spec, writers)
 from hetscale_jax import workdir as workdir_lib
 from hetscale_jax.models import deit
 
@@ -195,16 +195,20 @@ def compile_train_step(train_step, mesh, state, batch) -> CompiledStep:
   start = time.perf_counter()
   fn = jax.jit(train_step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  compiled = fn.lower(*jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                    (state, batch))).compile()
+  lowered = fn.lower(*jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   (state, batch)))
+  with compile_log.program("train_step"):
+    compiled = lowered.compile()
   return CompiledStep(compiled, shardings, time.perf_counter() - start)
 
 
 def evaluate(eval_step, variables, config, mesh) -> dict:
   batches = sharding.prefetch_to_mesh(
       input_pipeline.eval_batches(config.data, global_batch_size=config.batch_size), mesh)
+  # Named around the step alone: the eager additions compile programs of their own.
+  named_step = compile_log.named("eval_step", eval_step)
   totals = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b),
-                            (eval_step(variables, batch) for batch in batches))
+                            (named_step(variables, batch) for batch in batches))
   totals = sharding.host_value(totals)
   count = float(totals["count"])
   return {"loss": float(totals["loss"]) / count, "top1": float(totals["top1"]) / count,
@@ -213,7 +217,7 @@ def evaluate(eval_step, variables, config, mesh) -> dict:
 
 def unit_ablation(model, eval_step, config, mesh, variables, intact: dict) -> dict:
   """ablation.unit_ablation on the test set (contributions on its first batch)."""
-  contribution_step = make_contribution_step(model, config)
+  contribution_step = compile_log.named("contribution_step", make_contribution_step(model, config))
   first = first_eval_batch(config, mesh)
   return ablation.unit_ablation(
       lambda v: evaluate(eval_step, v, config, mesh),
@@ -244,6 +248,10 @@ def grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
 
 
 # ---------------------------------------------------------------------------- the loop
+
+# What a run compiles, as compile_log names it; summary["compiles"] counts each.
+PROGRAMS = ("train_step", "eval_step", "spectrum", "contribution_step")
+
 
 def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
                        stop_after_steps: int | None = None) -> dict | None:
@@ -278,6 +286,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   events = growth_event.event_steps(config, steps_per_epoch)
   if (finished := finished_summary(workdir, ckpt, total_steps)) is not None:
     return finished
+  compiled_before = compile_log.totals()  # the summary counts what this call compiles
 
   mesh = sharding.make_mesh(config.mesh.fsdp)
   model, tx = create_model(config, info), create_optimizer(config, steps_per_epoch)
@@ -293,7 +302,6 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   batches = itertools.chain([first], batches)
   held_aside = check_batch(config, mesh)  # None unless growth.measure_split
   compiled = compile_train_step(train_step, mesh, state, first)
-  compiles = 1  # in this process: the restored (possibly grown) tree, then once per event
   writer = writers.create(workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
@@ -315,7 +323,6 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
                                                     weights[events.index(step):], info.num_classes,
                                                     held_aside)
-        compiles += 1
         num_params = event.record["params_after"]
         growth_log.append(event.record)
         report_growth(workdir, writer, event, state)
@@ -355,7 +362,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   writer.close()
   return write_summary(workdir, info, state, last_eval, total_steps, base_params, growth_log,
                        unit_ablation=units,
-                       train_step_compiles=compiles,
+                       compiles=compile_log.since(compiled_before, PROGRAMS),
                        resumed_from_step=start_step if restored else None,
                        wall_seconds=time.perf_counter() - run_start)
 
@@ -415,6 +422,7 @@ def write_summary(workdir: str, info, state: TrainState, last_eval: dict, total_
   if growth_log:
     print("grown layers:\n" + spec.describe(architecture))
     print(ablation.describe(summary["unit_ablation"]))
+  print(compile_log.describe(summary["compiles"]))
   return summary
 
 

@@ -68,7 +68,15 @@ def test_training_run_grows_by_the_plan_and_keeps_learning(tiny_run):
   for event in events:
     assert event["params_after"] - event["params_before"] == event["plan_params"] > 0
   assert summary["params"] == events[-1]["params_after"]
-  assert summary["train_step_compiles"] == 1 + len(events)
+  # What this run compiled: the train step once per parameter tree, the eval step once per
+  # tree evaluated (at step 44 the tree of the first event, at 88 that of the second; the
+  # ablation's units switched off keep the tree), the spectrum once per event. Served by the
+  # session's persistent cache or not, each is a compile.
+  compiles = summary["compiles"]
+  assert {name: c["compiles"] for name, c in compiles.items()} == {
+      "train_step": 1 + len(events), "eval_step": 2, "spectrum": len(events),
+      "contribution_step": 1}
+  assert all(0 <= c["cache_hits"] <= c["compiles"] and c["seconds"] > 0 for c in compiles.values())
   records = writers.read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
   losses = [r["loss"] for r in records if r["kind"] == "train"]
   after_growth = [r["loss"] for r in records if r["kind"] == "train" and r["step"] > events[0]["step"]]
