@@ -251,7 +251,7 @@ def _gated_units(s: Spectrum, neurons, direction: str, mode: str, unit_scale: fl
 
 
 def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exact",
-         unit_scale: float = 1.0):
+         unit_scale: float = 1.0, reserve_events: int = 0):
   """New variables with units of kind plan.unit added on the plan's neurons (pure).
 
   Gated units get r = unit_scale * v / sqrt(mean |x~|^2), with v the plan's direction, so
@@ -259,6 +259,8 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
   function is unchanged and dL/da = 1/2 |r|^2 r^T S r / |r|^2. mode="split": |a| = 1 with
   the sign that lowers the loss, the splitting step; the loss moves by about -1/2 |r^T S r|
   per unit. Linear units are exact only: p+/- = +/-LINEAR_INIT [w_j, b_j], so q = 0.
+  `reserve_events`: as layers.add_unit_packs (the events still to come in a schedule); with
+  any, every layer of the spectrum gets room for units, also one that gets none now.
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: choose one of {MODES}")
@@ -276,10 +278,15 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
       row = jnp.concatenate([params[f"{path}/kernel"][:, neurons].T,
                              params[f"{path}/bias"][neurons][:, None]], axis=-1)
       units[path] = (neurons, LINEAR_INIT * row, -LINEAR_INIT * row)
-  return add_units(variables, units, plan.unit)
+  if reserve_events:  # a layer first grown by a later event then fits without a recompile
+    for path in spectrum.keys() - units.keys():
+      width = params[f"{path}/kernel"].shape[0] + 1
+      units[path] = (np.zeros(0, np.int32), np.zeros((0, width)),
+                     np.zeros(0) if plan.unit == "gated" else np.zeros((0, width)))
+  return add_units(variables, units, plan.unit, reserve_events)
 
 
-def add_units(variables, units: dict, unit: str = "gated"):
+def add_units(variables, units: dict, unit: str = "gated", reserve_events: int = 0):
   """New variables with hand-placed units added to each named layer (pure function).
 
   unit="gated": units {path: (indices [n], directions r [n, d_in+1], gains a [n])}; with gains
@@ -313,7 +320,7 @@ def add_units(variables, units: dict, unit: str = "gated"):
       p = jnp.stack([first, second], axis=1)
       unit_params = {"w": p[..., :-1], "b": p[..., -1]}
     new[path] = layers.NewUnits(unit, indices, unit_params)
-  return layers.add_unit_packs(variables, new)
+  return layers.add_unit_packs(variables, new, reserve_events)
 
 
 def predicted_split_change(plan: Plan, spectrum: dict[str, Spectrum],

@@ -137,7 +137,9 @@ def grow_state(config, model, tx, state, probe: list, *, weights_left: list[floa
   if check_batch is not None:
     record["split_check"] = split_check(loss_fn, variables, spectrum, plan, g.split_check_scale,
                                         {"probe": probe, "check": [check_batch]})
-  variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale)
+  # Packs sized for the events still to come: they usually fit without another recompile.
+  variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale,
+                        reserve_events=len(weights_left) - 1)
   grown = state.replace(params=variables["params"], growth=variables[GROWTH_COLLECTION],
                         opt_state=grow.migrate_opt_state(tx, state.opt_state, variables["params"]))
   record["params_after"] = spec.count_params(variables)

@@ -196,23 +196,28 @@ def _pad(array, axis: int, size: int):
   return np.pad(array, widths)
 
 
-def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype) -> UnitPack:
-  """`pack` (None: empty) with the new units in its first free slots, the capacity grown to
-  capacity(total) if needed. A gated unit's depth is the number of gated units already on its
-  neuron; linear units all sit at depth 0."""
+def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_events: int
+              ) -> UnitPack:
+  """`pack` (None: empty) with the new units in its first free slots. A gated unit's depth is
+  the number of gated units already on its neuron; linear units all sit at depth 0. A pack too
+  small grows to room for `reserve_events` more events like this one as well (as many units
+  each, and for gated units one depth more each), its slots rounded up by `capacity`."""
   if pack is None:
-    pack = UnitPack(new.kind, np.zeros(0, np.int32), np.zeros((1, 0), bool),
+    pack = UnitPack(new.kind, np.zeros(0, np.int32), np.zeros((0, 0), bool),
                     {f: np.zeros(s, dtype) for f, s in unit_shapes(new.kind, 0, d_in).items()})
   index, at_depth = np.asarray(pack.index), np.asarray(pack.at_depth)
   live = at_depth.any(axis=0)
   used, n = int(live.sum()), len(new.index)
-  slots = capacity(used + n)
+  fits = 0 < len(index) and used + n <= len(index)
+  slots = len(index) if fits else capacity(used + n * (1 + reserve_events))
   new_index = np.asarray(new.index, np.int32)
   if new.kind == "gated":
     depth = np.array([np.sum(live & (index == j)) for j in new_index], np.int64)
   else:
     depth = np.zeros(n, np.int64)
-  depths = max(at_depth.shape[0], int(depth.max(initial=0)) + 1)
+  needed = int(depth.max(initial=0)) + 1
+  depths = (at_depth.shape[0] if needed <= at_depth.shape[0]
+            else needed + (reserve_events if new.kind == "gated" else 0))
   index = _pad(index, 0, slots)
   index[used:used + n] = new_index
   at_depth = _pad(_pad(at_depth, 1, slots), 0, depths)
@@ -224,11 +229,13 @@ def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype) -> UnitPac
   return UnitPack(new.kind, jnp.asarray(index), jnp.asarray(at_depth), params)
 
 
-def add_unit_packs(variables, units: Mapping[str, NewUnits]):
+def add_unit_packs(variables, units: Mapping[str, NewUnits], reserve_events: int = 0):
   """New variables with the units {path: NewUnits} added to each named layer (pure).
 
   `path` is the layer's module path, "blocks_0/attn/qkv". Slots already used keep their place
-  (and so their optimizer state); parameters are cast to the layer kernel's dtype.
+  (and so their optimizer state); parameters are cast to the layer kernel's dtype. A pack that
+  must grow also makes room for `reserve_events` more events adding as many units (a training
+  schedule's events still to come), so that they usually fit the same shapes: no recompile.
   """
   params, _ = _split(variables)
   current = grown_layers(variables)
@@ -236,7 +243,7 @@ def add_unit_packs(variables, units: Mapping[str, NewUnits]):
   for path, new in units.items():
     kernel = params[f"{path}/kernel"]
     old = current.get(path, {}).get(new.kind)
-    packs[path] = {new.kind: _appended(old, new, kernel.shape[0], kernel.dtype)}
+    packs[path] = {new.kind: _appended(old, new, kernel.shape[0], kernel.dtype, reserve_events)}
   return set_packs(variables, packs)
 
 

@@ -403,38 +403,74 @@ class _Same:
     return isinstance(other, _Same) and self._key == other._key
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "method", "layer_filter"))
+def _start_vectors(rng, shapes: dict[LayerPath, tuple], places: dict[LayerPath, int]):
+  """(start [d_out, d_in+1] per layer, restart key per layer, restart key of a shared
+  sequence) for layers of `shapes` {path: (d_out, d_in + 1, dtype)}. Keys follow a layer's
+  place among all layers, so that a filter does not change the start vectors of the layers it
+  keeps."""
+  rng, restart_rng = jax.random.split(rng)
+  start, restart_keys = {}, {}
+  for p, (d_out, width, dtype) in shapes.items():
+    k1, restart_keys[p] = jax.random.split(jax.random.fold_in(rng, places[p]))
+    start[p] = random_unit_rows(k1, (d_out, width), dtype)
+  return start, restart_keys, restart_rng
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "layer_filter"))
+def _collected_statistics(loss_fn, variables, batch, layer_filter=None):
+  """The model's part of the collected method: statistics, G = sum_tokens g x~ (straight from
+  them: no pass of its own) and input scales."""
+  stats = collect_layer_statistics(loss_fn, variables, batch, layer_filter)
+  gradients = {p: g.T @ x_tilde for p, (x_tilde, _, g) in stats.items()}
+  return stats, gradients, input_scales(loss_fn, variables, batch, layer_filter)
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters", "places", "activations"))
+def _collected_solve(stats, rng, num_iters, places, activations):
+  """The Lanczos part of the collected method: its program depends only on the statistics'
+  shapes, which growth does not change, so it compiles once for all of a run's events."""
+  places, activations = dict(places), dict(activations)
+  shapes = {p: (z.shape[-1], x_tilde.shape[-1], z.dtype) for p, (x_tilde, z, _) in stats.items()}
+  start, restart_keys, _ = _start_vectors(rng, shapes, places)
+  # Same-shaped layers (the qkv of every block of a uniform DeiT) form one group that one set
+  # of ops serves: far less to compile for deep models.
+  groups = group_layers({p: (d_out, width - 1, activations[p], dtype)
+                         for p, (d_out, width, dtype) in shapes.items()})
+  return _collected_pairs(stats, groups, start, restart_keys, num_iters), start
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "layer_filter"))
+def _streamed(loss_fn, variables, batch, rng, num_iters, layer_filter=None):
+  """The streamed method, one program: every product re-runs the network for all layers, one
+  Krylov sequence for them all."""
+  found = find_growable_layers(loss_fn, variables, _as_batches(batch)[0])
+  shapes = select_layers(found, layer_filter)
+  start, _, restart_rng = _start_vectors(
+      rng, {p: (s["d_out"], s["d_in"] + 1, statistics_dtype(s["out"])) for p, s in shapes.items()},
+      {p: i for i, p in enumerate(sorted(found))})
+  groups = group_layers({p: (s["d_out"], s["d_in"], s["activation"], statistics_dtype(s["out"]))
+                         for p, s in shapes.items()})
+  hvp = streamed_hvp(loss_fn, variables, batch, {p: s["activation"] for p, s in shapes.items()})
+  pairs = unstack_groups(lanczos_extremes(
+      lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
+      stack_groups(start, groups), restart_rng, num_iters), groups)
+  gradients = output_gradients(loss_fn, variables, batch, layer_filter)
+  scales = input_scales(loss_fn, variables, batch, layer_filter)
+  return pairs, start, gradients, scales
+
+
 def _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter=None):
   # The layers of the first batch: loss_fn takes one batch, never the list.
   found = find_growable_layers(loss_fn, variables, _as_batches(batch)[0])
   shapes = select_layers(found, layer_filter)
-  rng, restart_rng = jax.random.split(rng)
-  start, restart_keys = {}, {}
-  # Keys follow a layer's place among all layers, so that a filter does not change the start
-  # vectors of the layers it keeps.
-  for i, p in enumerate(sorted(found)):
-    if p in shapes:
-      s = shapes[p]
-      k1, restart_keys[p] = jax.random.split(jax.random.fold_in(rng, i))
-      # In the dtype of the layer's statistics, which its products take and return.
-      start[p] = random_unit_rows(k1, (s["d_out"], s["d_in"] + 1), statistics_dtype(s["out"]))
-  # Same-shaped layers (the qkv of every block of a uniform DeiT) form one group that one set
-  # of ops serves: far less to compile for deep models.
-  groups = group_layers({p: (s["d_out"], s["d_in"], s["activation"], statistics_dtype(s["out"]))
-                         for p, s in shapes.items()})
   if method == "collected":
-    stats = collect_layer_statistics(loss_fn, variables, batch, layer_filter)
-    # G = sum_tokens g x~ straight from the statistics: no pass of its own.
-    gradients = {p: g.T @ x_tilde for p, (x_tilde, _, g) in stats.items()}
-    pairs = _collected_pairs(stats, groups, start, restart_keys, num_iters)
+    stats, gradients, scales = _collected_statistics(loss_fn, variables, batch, layer_filter)
+    pairs, start = _collected_solve(
+        stats, rng, num_iters, tuple((p, i) for i, p in enumerate(sorted(found)) if p in shapes),
+        tuple(sorted((p, s["activation"]) for p, s in shapes.items())))
   else:
-    # Every streamed product re-runs the network for all layers: one sequence for them all.
-    hvp = streamed_hvp(loss_fn, variables, batch, {p: s["activation"] for p, s in shapes.items()})
-    pairs = unstack_groups(lanczos_extremes(
-        lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
-        stack_groups(start, groups), restart_rng, num_iters), groups)
-    gradients = output_gradients(loss_fn, variables, batch, layer_filter)
-  scales = input_scales(loss_fn, variables, batch, layer_filter)
+    pairs, start, gradients, scales = _streamed(loss_fn, variables, batch, rng, num_iters,
+                                                layer_filter)
   return {p: Spectrum(eigvals=r.eigvals, eigvecs=r.eigvecs, residuals=r.residuals,
                       eigvals_max=r.eigvals_max, eigvecs_max=r.eigvecs_max, input_scale=scales[p],
                       start_dirs=start[p], start_rayleigh=r.start_rayleigh,

@@ -148,6 +148,29 @@ def test_units_stack_by_depth_in_padded_slots():
   assert [layers.capacity(n) for n in (0, 1, 8, 9, 16, 17, 100)] == [8, 8, 8, 16, 16, 32, 128]
 
 
+def test_a_pack_that_grows_reserves_room_for_the_events_to_come():
+  """Events like the first fit the shapes it chose (no recompile); a pack only grows when the
+  units do not fit, and then reserves again."""
+  rng = np.random.default_rng(0)
+  variables = {"params": {"dense": _base_params(jnp.float32)}}
+
+  def add(index, reserve_events):
+    n = len(index)
+    units = layers.NewUnits("gated", np.asarray(index), {
+        "r": rng.normal(size=(n, D_IN + 1)).astype(np.float32), "a": np.zeros(n, np.float32)})
+    out = layers.add_unit_packs(variables, {"dense": units}, reserve_events)
+    return out, out[layers.GROWTH_COLLECTION]["dense"]["gated_at_depth"].shape
+
+  variables, shape = add([0, 1, 2, 3, 4], reserve_events=2)  # room for 15 units, 3 depths
+  assert shape == (3, 16)
+  variables, shape = add([0, 1, 2, 3, 4], reserve_events=1)  # depth 1: fits
+  assert shape == (3, 16)
+  variables, shape = add([0, 1, 2, 3, 4, 5], reserve_events=0)  # 16 units, depth 2: fits
+  assert shape == (3, 16)
+  variables, shape = add([0], reserve_events=1)  # 17 units at depth 3: grows, reserving again
+  assert shape == (5, 32)
+
+
 @pytest.mark.parametrize("kind", ["gated", "linear"])
 def test_padded_slots_are_inert(kind):
   """Whatever a padded slot holds, it adds nothing and gets no gradient; the optimizer keeps

@@ -43,25 +43,25 @@ def test_readme_research_example_runs_as_written():
   spectrum_of = lambda: grow.splitting_spectrum(lambda v, b: namespace["loss"](model, v, b),
                                                 variables, (x, y))
   spectrum_of()
-  before = splitting._spectrum._cache_size()  # pylint: disable=protected-access
+  before = splitting._collected_statistics._cache_size()  # pylint: disable=protected-access
   spectrum_of()
-  assert splitting._spectrum._cache_size() == before  # pylint: disable=protected-access
+  assert splitting._collected_statistics._cache_size() == before  # pylint: disable=protected-access
 
 
 def test_two_equal_closures_compile_the_spectrum_once():
   problem = make_mlp()
   make_loss = lambda fn: (lambda v, b: fn(v, b))  # a fresh function object on every call
-  before = splitting._spectrum._cache_size()  # pylint: disable=protected-access
+  before = splitting._collected_statistics._cache_size()  # pylint: disable=protected-access
   first = grow.splitting_spectrum(make_loss(problem.loss_fn), problem.variables, problem.batch,
                                   num_iters=3)
   second = grow.splitting_spectrum(make_loss(problem.loss_fn), problem.variables, problem.batch,
                                    num_iters=3)
-  assert splitting._spectrum._cache_size() == before + 1  # pylint: disable=protected-access
+  assert splitting._collected_statistics._cache_size() == before + 1  # pylint: disable=protected-access
   jax.tree.map(np.testing.assert_array_equal, first, second)
   # A closure over another object is another computation: it compiles.
   other = make_mlp(seed=1)
   grow.splitting_spectrum(make_loss(other.loss_fn), problem.variables, problem.batch, num_iters=3)
-  assert splitting._spectrum._cache_size() == before + 2  # pylint: disable=protected-access
+  assert splitting._collected_statistics._cache_size() == before + 2  # pylint: disable=protected-access
   key = splitting.SameComputation
   assert key(make_loss(problem.loss_fn)) == key(make_loss(problem.loss_fn))
   assert key(make_loss(problem.loss_fn)) != key(make_loss(other.loss_fn))
@@ -141,3 +141,17 @@ def test_hand_placed_units_are_exact_and_checked(x64, unit):
     grow.add_units(problem.variables, {"dense_1": ([3, 3], direction, second)}, unit=unit)
   with pytest.raises(KeyError, match="dense_9"):
     grow.add_units(problem.variables, {"dense_9": ([0, 1], direction, second)}, unit=unit)
+
+
+def test_growth_compiles_the_spectrums_solve_once():
+  """After growth only the model's part of the spectrum compiles again: the Lanczos program
+  sees statistics of unchanged shapes."""
+  problem = make_mlp()
+  spectrum = grow.splitting_spectrum(problem.loss_fn, problem.variables, problem.batch, num_iters=4)
+  solves = splitting._collected_solve._cache_size()  # pylint: disable=protected-access
+  statistics = splitting._collected_statistics._cache_size()  # pylint: disable=protected-access
+  plan = grow.select(spectrum, max_units=3, max_layer_fraction=1.0)
+  grown = grow.grow(problem.variables, plan, spectrum)
+  grow.splitting_spectrum(problem.loss_fn, grown, problem.batch, num_iters=4)
+  assert splitting._collected_solve._cache_size() == solves  # pylint: disable=protected-access
+  assert splitting._collected_statistics._cache_size() == statistics + 1  # pylint: disable=protected-access
