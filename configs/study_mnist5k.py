@@ -2,12 +2,24 @@ r"""The evidence study's regime: a narrow reduced DeiT on the embedded 28x28 MNI
 capacity binds (README, "Results"), grown by each rule at the same steps.
 
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py --workdir workdirs/study --jobs 2
+    python -m hetscale_jax.replicate --config configs/study_mnist5k.py:late \
+        --workdir workdirs/study_late --jobs 2
+
+REGIME (the argument) places the growth events; everything else is the same:
+  early   epochs 3 and 6 of 30, at 0.99 and 0.93 of the peak learning rate (the default)
+  late    epochs 12 and 18 of 30, at 0.69 and 0.37 of it: whether a rule's choice matters
+          more where the steps are smaller, with 12 epochs (40% of training) still left
+          after the last event for the units to train
 """
 
 from hetscale_jax import config_lib
 
+GROWTH_EPOCHS = {"early": (3.0, 6.0), "late": (12.0, 18.0)}
 
-def get_config():
+
+def get_config(regime="early"):
+  if regime not in GROWTH_EPOCHS:
+    raise ValueError(f"regime {regime!r}: choose one of {list(GROWTH_EPOCHS)}")
   c = config_lib.small_config("mnist5k")
   c.model.patch_size = 7          # 28x28 -> 16 patches + class token
   c.model.head_dim = 1            # bottleneck: full width would be 16 per head
@@ -15,7 +27,7 @@ def get_config():
   c.num_epochs = 30
   c.optim.warmup_epochs = 1.0
 
-  c.growth.epochs = (3.0, 6.0)
+  c.growth.epochs = GROWTH_EPOCHS[regime]
   c.growth.budget_per_event = 2_000  # below every layer's cap in sum: the rules must choose
 
   c.log_every_steps = 10

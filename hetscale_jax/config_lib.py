@@ -74,6 +74,8 @@ def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   c.growth.method = "collected"               # or "streamed" (memory of one training step)
   c.growth.measure_split = False              # also measure the split-mode loss change (growth_event)
   c.growth.split_check_scale = 0.1            # ... at this unit_scale, where 2nd order holds
+  c.growth.perturbation = 0.0                 # the noise floor: right after the first event,
+                                              #   every parameter p -> p (1 + this N(0, 1))
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                             # devices over which params/opt state are sharded
@@ -207,6 +209,7 @@ def validate(config) -> None:
            "'split' needs growth.unit='gated' (linear units are exact only)")
   _require(g.unit_scale > 0, "growth.unit_scale", g.unit_scale, "must be > 0")
   _require(g.split_check_scale > 0, "growth.split_check_scale", g.split_check_scale, "must be > 0")
+  _require(g.perturbation >= 0, "growth.perturbation", g.perturbation, "must be >= 0 (0: none)")
   _require(0 < g.max_layer_fraction <= 1, "growth.max_layer_fraction", g.max_layer_fraction,
            "must be in (0, 1]")
   _require(g.probe_batches >= 1, "growth.probe_batches", g.probe_batches, "must be >= 1")
@@ -265,6 +268,15 @@ def small_config(dataset: str) -> ml_collections.ConfigDict:
 # (head_dim and mlp_dim in the full model's ratio, sized like the grown models).
 GROWN_VARIANTS = {
     "splitting": dict(rule="splitting", unit="gated", allocation="global"),   # the paper's text
+    # The classic splitting step: the paper's text, its units taken at |a| = 1 downhill, at the
+    # unit scale where the second-order prediction holds (growth.split_check_scale's default),
+    # so that the loss drops at once by about the predicted amount.
+    "split": dict(rule="splitting", unit="gated", allocation="global", mode="split",
+                  unit_scale=0.1),
+    # The study's resolution: the paper's text with every parameter perturbed by 1e-3 of itself
+    # right after the first event (same picks); its paired difference to splitting is what so
+    # small a change alone moves.
+    "noise_floor": dict(rule="splitting", unit="gated", allocation="global", perturbation=1e-3),
     "authors": dict(rule="row_sum", unit="linear", allocation="by_kind"),     # the released code
     "grad_norm": dict(rule="grad_norm", unit="linear", allocation="global"),
     "random": dict(rule="random", unit="gated", allocation="global"),
@@ -274,6 +286,68 @@ GROWN_VARIANTS = {
 }
 STATIC_VARIANTS = ("static_reduced", "static_full", "static_uniform")
 VARIANTS = tuple(GROWN_VARIANTS) + STATIC_VARIANTS
+# "splitting@0.3": a variant at growth.unit_scale 0.3. Only the gated variants that leave the
+# scale to the config take one (split fixes its own; a linear unit has no scale).
+SCALE_MARK = "@"
+
+
+def takes_unit_scale(variant: str) -> bool:
+  settings = GROWN_VARIANTS.get(variant, {})
+  return settings.get("unit") == "gated" and "unit_scale" not in settings
+
+
+def scaled(variant: str, unit_scale: float) -> str:
+  """The name of `variant` at growth.unit_scale `unit_scale`: "splitting@0.3"."""
+  return f"{variant}{SCALE_MARK}{unit_scale:g}"
+
+
+def parse_variant(name: str) -> tuple[str, float | None]:
+  """"splitting@0.3" -> ("splitting", 0.3); "splitting" -> ("splitting", None), the config's
+  unit scale. ValueError for an unknown variant or one that takes no unit scale."""
+  variant, mark, scale = name.partition(SCALE_MARK)
+  if variant not in VARIANTS:
+    raise ValueError(f"variant {name!r}: choose one of {VARIANTS}, optionally {SCALE_MARK}<unit "
+                     "scale>")
+  if not mark:
+    return variant, None
+  if not takes_unit_scale(variant) or not is_positive_number(scale):
+    takes = [v for v in GROWN_VARIANTS if takes_unit_scale(v)]
+    raise ValueError(f"variant {name!r}: only {takes} take a unit scale, a number > 0 "
+                     f"(e.g. splitting{SCALE_MARK}0.3)")
+  return variant, float(scale)
+
+
+def is_positive_number(text: str) -> bool:
+  try:
+    return float(text) > 0
+  except ValueError:
+    return False
+
+
+def is_grown(name: str) -> bool:
+  return parse_variant(name)[0] in GROWN_VARIANTS
+
+
+def at_scale_of(name: str, variant: str) -> str:
+  """`variant` at the unit scale that `name` names (if any): the variant `name` pairs with."""
+  unit_scale = parse_variant(name)[1]
+  return variant if unit_scale is None else scaled(variant, unit_scale)
+
+
+def random_counterpart(name: str) -> str | None:
+  """The variant that grows units as `name` does (kind, mode, scale) but on random neurons:
+  what its choice of neurons is measured against. The allocation is part of that choice
+  (authors' by_kind quotas), so random_linear is authors' counterpart. None for a random or
+  static variant, and where none matches (split: no random variant takes the split step)."""
+  variant, _ = parse_variant(name)
+  settings = GROWN_VARIANTS.get(variant)
+  if settings is None or settings["rule"] == "random":
+    return None
+  how = lambda s: {k: v for k, v in s.items() if k not in ("rule", "allocation")}
+  for other, other_settings in GROWN_VARIANTS.items():
+    if other_settings["rule"] == "random" and how(other_settings) == how(settings):
+      return at_scale_of(name, other)
+  return None
 
 
 def grown_params(config, sizes: dict) -> int:
@@ -284,14 +358,16 @@ def grown_params(config, sizes: dict) -> int:
                              + len(g.epochs) * g.budget_per_event)
 
 
-def apply_variant(config, variant: str, sizes: dict) -> ml_collections.ConfigDict:
-  """A copy of `config` (reduced widths, growth enabled) run as `variant` (VARIANTS); `sizes`
-  are the config's model sizes as deit.param_count takes them (train.model_sizes)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"variant {variant!r}: choose one of {VARIANTS}")
+def apply_variant(config, name: str, sizes: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` (reduced widths, growth enabled) run as the variant `name` (VARIANTS,
+  or parse_variant's "variant@unit_scale"); `sizes` are the config's model sizes as
+  deit.param_count takes them (train.model_sizes)."""
+  variant, unit_scale = parse_variant(name)
   c = config.copy_and_resolve_references()
   if variant in GROWN_VARIANTS:
     c.growth.update(GROWN_VARIANTS[variant])
+    if unit_scale is not None:
+      c.growth.unit_scale = unit_scale
     return c
   c.growth.enabled = False
   if variant == "static_full":

@@ -1,5 +1,7 @@
 """Paired evidence from a replication's runs (hetscale_jax.replicate): per-run measures, paired
-differences over seeds with 95% intervals, and the study's tables and figures.
+differences over seeds with 95% intervals, and the study report's tables and figures. Every
+table of the study is built here; report.py holds the markdown primitives and the report of
+single runs, replicate.py runs the study and writes what this module renders.
 
 Every variant of one seed starts from the same initial parameters (where shapes allow), sees
 the same batches and grows at the same steps, so the per-seed difference of a measure between
@@ -8,22 +10,37 @@ t-interval mean +- t(0.975, n - 1) * std / sqrt(n) of the n paired differences; 
 the difference when it excludes 0.
 
 Measures of one run:
-  top1, test_loss          final test top-1 (%) and test loss
+  top1, top5, test_loss    final test top-1, top-5 (%) and test loss
   params, mflops           final parameters and forward MFLOPs per image
-  post_event_loss/<i>      mean training loss of the K steps after growth event i (exact mode)
+  wall_seconds             the run's wall time, compilation and growth events included
+  post_event_loss/<i>      mean training loss of the K steps after growth event i, leaving out
+                           the first: its loss is the grown model's before any update (for exact
+                           growth the ungrown model's, for split mode the step itself)
   split_check/<i>          event i grown in split mode on a copy instead: the loss change on the
                            held-aside check batch, per added parameter (growth_event.split_check)
   units_off_top1,          the change in final test top-1 and loss when every unit is switched
   units_off_loss           off (ablation): what the grown units carry
+
+Across variants, paired by seed:
+  units' share             of a grown variant's gain over static_reduced, the part its units
+                           carry: mean(intact - units off) / mean(intact - static_reduced)
+  advantage halving        a rule's advantage over its random counterpart (config_lib.
+                           random_counterpart) after an event, the counterpart's training loss
+                           minus the rule's over the K steps post_event_loss averages, mean over
+                           seeds and smoothed: the step at which it has fallen to half its value
+                           at insertion (halving_step)
 """
+
+import os
 
 from matplotlib.figure import Figure
 import numpy as np
 from scipy import stats
 
-from hetscale_jax import report, writers
+from hetscale_jax import config_lib, plots, report, writers
 
 SPLIT_CHECK_SCALE = 1e6  # split-check losses are reported per million added parameters
+UNITS_OFF = {"top1": "units_off_top1", "test_loss": "units_off_loss"}  # measure -> its ablation
 
 
 # ---------------------------------------------------------------------------- measures
@@ -33,10 +50,16 @@ def train_losses(workdir: str) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in writers.read_metrics(workdir)["train"]}
 
 
+def post_event_steps(event_step: int, k: int) -> range:
+  """The k logged steps after a growth at `event_step` that the post-event measures read:
+  event_step + 2 .. event_step + k + 1. Step event_step + 1 is left out: its loss is taken
+  before the grown model's first update, so it shows the growth step, not training."""
+  return range(event_step + 2, event_step + k + 2)
+
+
 def post_event_loss(losses: dict[int, float], event_step: int, k: int) -> float:
-  """Mean training loss of the k steps after a growth at `event_step` (logged as steps
-  event_step + 1 .. event_step + k); nan if any is missing."""
-  window = [losses.get(s) for s in range(event_step + 1, event_step + k + 1)]
+  """Mean training loss of the post_event_steps; nan if any is missing."""
+  window = [losses.get(s) for s in post_event_steps(event_step, k)]
   return float("nan") if None in window else float(np.mean(window))
 
 
@@ -44,9 +67,10 @@ def run_measures(summary: dict, losses: dict[int, float], event_steps: list[int]
                  flops: int | None) -> dict[str, float]:
   """The measures of one finished run (module docstring); `event_steps` are the study's
   growth steps, the same for every variant."""
-  out = {"top1": 100 * summary["eval"]["top1"], "test_loss": summary["eval"]["loss"],
-         "params": float(summary["params"]),
-         "mflops": float("nan") if flops is None else flops / 1e6}
+  out = {"top1": 100 * summary["eval"]["top1"], "top5": 100 * summary["eval"]["top5"],
+         "test_loss": summary["eval"]["loss"], "params": float(summary["params"]),
+         "mflops": float("nan") if flops is None else flops / 1e6,
+         "wall_seconds": summary["wall_seconds"]}
   if summary.get("unit_ablation"):  # None for a static run
     intact, off = summary["unit_ablation"]["intact"], summary["unit_ablation"]["units_off"]
     out["units_off_top1"] = 100 * (off["top1"] - intact["top1"])
@@ -74,11 +98,19 @@ def t_interval(values) -> tuple[float, float, float]:
   return mean, mean - half, mean + half
 
 
+def excludes_zero(low: float, high: float) -> bool:
+  return bool(np.isfinite(low) and (low > 0 or high < 0))
+
+
+def paired_seeds(runs: dict, variant: str, reference: str) -> list[int]:
+  """The seeds of which both variants ran; `runs` is keyed by (variant, seed)."""
+  return sorted({s for v, s in runs if v == variant} & {s for v, s in runs if v == reference})
+
+
 def paired_differences(measures: dict, variant: str, reference: str, name: str) -> list[float]:
   """measure `name` of `variant` minus that of `reference`, for every seed where both ran."""
-  seeds = sorted({s for v, s in measures if v == variant} & {s for v, s in measures if v == reference})
   diffs = [measures[variant, s].get(name, np.nan) - measures[reference, s].get(name, np.nan)
-           for s in seeds]
+           for s in paired_seeds(measures, variant, reference)]
   return [d for d in diffs if np.isfinite(d)]
 
 
@@ -92,9 +124,107 @@ def comparisons(measures: dict, pairs, names) -> list[dict]:
       if diffs:
         mean, low, high = t_interval(diffs)
         rows.append({"measure": name, "variant": variant, "reference": reference, "n": len(diffs),
-                     "mean": mean, "low": low, "high": high,
-                     "resolved": bool(np.isfinite(low) and (low > 0 or high < 0))})
+                     "mean": mean, "low": low, "high": high, "resolved": excludes_zero(low, high)})
   return rows
+
+
+def units_share(measures: dict, variant: str, reference: str, name: str) -> dict | None:
+  """The share of `variant`'s gain in measure `name` (top1 or test_loss) over `reference` that
+  its units carry, paired by seed: the mean of intact - units off over the mean of variant -
+  reference, each with its interval (nan without a gain). A ratio of means: a per-seed ratio
+  would be swamped by the seeds that gained almost nothing. None if no seed has both."""
+  pairs = [(-measures[variant, s].get(UNITS_OFF[name], np.nan),
+            measures[variant, s][name] - measures[reference, s][name])
+           for s in paired_seeds(measures, variant, reference)]
+  pairs = np.array([p for p in pairs if np.all(np.isfinite(p))]).reshape(-1, 2)
+  if not len(pairs):
+    return None
+  carried, gain = t_interval(pairs[:, 0]), t_interval(pairs[:, 1])
+  return {"measure": name, "variant": variant, "reference": reference, "n": len(pairs),
+          "carried": carried, "gain": gain,
+          "share": carried[0] / gain[0] if gain[0] else float("nan")}
+
+
+def advantage_after(losses: dict, variant: str, reference: str, event_step: int,
+                    k: int) -> np.ndarray:
+  """[seeds, k]: for each seed of which both ran (losses: {(variant, seed): {step: loss}}),
+  the reference's training loss minus the variant's at the post_event_steps: the variant's
+  advantage, > 0 where its loss is lower. A seed missing one of those steps is left out."""
+  steps = post_event_steps(event_step, k)
+  rows = [[losses[reference, s][t] - losses[variant, s][t] for t in steps]
+          for s in paired_seeds(losses, variant, reference)
+          if all(t in losses[variant, s] and t in losses[reference, s] for t in steps)]
+  return np.array(rows, np.float64).reshape(-1, k)
+
+
+def halving_step(advantage, window: int) -> int | None:
+  """The step at which an advantage has fallen to half its value at insertion.
+
+  `advantage[i]` is its value i steps after the first step counted; smoothed, each step's
+  value is the mean over the `window` steps from it (batch-to-batch noise averages out), and
+  the value at insertion is the first window's. Returns the first i whose smoothed value is
+  at most half of that; None if none is within the curve, or if there is no positive
+  advantage at insertion to halve.
+  """
+  smoothed = np.convolve(np.asarray(advantage, np.float64), np.ones(window) / window, "valid")
+  if not len(smoothed) or not smoothed[0] > 0:
+    return None
+  halved = np.flatnonzero(smoothed <= smoothed[0] / 2)
+  return int(halved[0]) if len(halved) else None
+
+
+# ---------------------------------------------------------------------------- tables
+
+def mean_spread(values, spread: str) -> str:
+  """"mean ± spread" over seeds: spread "std", the sample std (how much one seed moves a run),
+  or "ci", the 95% t half-width (how well the seeds pin the mean); the value alone for one
+  seed, "n/a" for none."""
+  values = [v for v in values if np.isfinite(v)]
+  if not values:
+    return "n/a"
+  if len(values) == 1:
+    return f"{values[0]:.4g}"
+  mean, low, high = t_interval(values)
+  half = np.std(values, ddof=1) if spread == "std" else (high - low) / 2
+  return f"{mean:.4g} ± {half:.2g}"
+
+
+def _mean(values, form: str) -> str:
+  values = [v for v in values if np.isfinite(v)]
+  return form.format(np.mean(values)) if values else "n/a"
+
+
+def _runs_of(measures: dict, variant: str) -> list[dict]:
+  return [m for (v, _), m in measures.items() if v == variant]
+
+
+def final_table(measures: dict, variants, seeds: int) -> list[str]:
+  """Per variant: finished runs of `seeds`, final test metrics (mean ± sample std), final
+  parameters (their range), MFLOPs per image and wall time per run (means)."""
+  rows = []
+  for variant in variants:
+    runs = _runs_of(measures, variant)
+    params = sorted({int(m["params"]) for m in runs})
+    column = lambda name: [m[name] for m in runs]
+    rows.append([variant, f"{len(runs)}/{seeds}", mean_spread(column("top1"), "std"),
+                 mean_spread(column("top5"), "std"), mean_spread(column("test_loss"), "std"),
+                 "n/a" if not params else f"{params[0]:,}" if len(params) == 1
+                 else f"{params[0]:,}–{params[-1]:,}",
+                 _mean(column("mflops"), "{:.2f}"), _mean(column("wall_seconds"), "{:.0f}")])
+  return report.markdown_table(["variant", "runs", "top-1 %", "top-5 %", "test loss",
+                                "params (final)", "MFLOPs/image", "wall s/run"], rows)
+
+
+def summary_table(measures: dict, variants, names) -> list[str]:
+  """Per variant and measure: mean ± 95% half-width over seeds."""
+  rows = [[variant, str(len(_runs_of(measures, variant)))]
+          + [mean_spread([m.get(name, np.nan) for m in _runs_of(measures, variant)], "ci")
+             for name in names] for variant in variants]
+  return report.markdown_table(["variant", "runs"] + list(names), rows)
+
+
+def _interval(mean: float, low: float, high: float) -> str:
+  return f"{mean:+.4g} [{low:+.4g}, {high:+.4g}]"
 
 
 def comparison_table(rows: list[dict]) -> list[str]:
@@ -104,19 +234,102 @@ def comparison_table(rows: list[dict]) -> list[str]:
         f"[{r['low']:+.4g}, {r['high']:+.4g}]", "yes" if r["resolved"] else "no"] for r in rows])
 
 
-def summary_table(measures: dict, variants, names) -> list[str]:
-  """Per variant and measure: mean +- 95% half-width over seeds."""
+def units_share_table(rows: list[dict]) -> list[str]:
+  return report.markdown_table(
+      ["measure", "variant", "seeds", "carried: intact - units off [95%]",
+       "gain: intact - reference [95%]", "share carried", "gain resolved"],
+      [[r["measure"], f"{r['variant']} (reference {r['reference']})", str(r["n"]),
+        _interval(*r["carried"]), _interval(*r["gain"]), f"{r['share']:.2f}",
+        "yes" if excludes_zero(*r["gain"][1:]) else "no"] for r in rows])
+
+
+def halving_table(losses: dict, pairs, event_steps: list[int], k: int, window: int) -> list[str]:
+  """Per (rule, random counterpart) pair and event: the rule's advantage at insertion (the
+  first smoothing window's mean, per seed) and halving_step of the mean over seeds."""
   rows = []
-  for variant in variants:
-    row = [variant, str(sum(1 for v, _ in measures if v == variant))]
-    for name in names:
-      values = [m[name] for (v, _), m in measures.items()
-                if v == variant and np.isfinite(m.get(name, np.nan))]
-      mean, low, high = t_interval(values)
-      row.append("n/a" if not values else f"{mean:.4g}" if not np.isfinite(low)
-                 else f"{mean:.4g} ± {(high - low) / 2:.2g}")
-    rows.append(row)
-  return report.markdown_table(["variant", "runs"] + list(names), rows)
+  for variant, reference in pairs:
+    for i, event_step in enumerate(event_steps, 1):
+      advantage = advantage_after(losses, variant, reference, event_step, k)
+      if not len(advantage):
+        continue
+      halved = halving_step(advantage.mean(axis=0), window)
+      at_insertion = t_interval(advantage[:, :window].mean(axis=1))
+      rows.append([f"{variant} - {reference}", str(i), str(len(advantage)),
+                   _interval(*at_insertion),
+                   "no advantage" if not at_insertion[0] > 0 else
+                   f"never within {k}" if halved is None else str(halved)])
+  return report.markdown_table(["rule vs random counterpart", "event", "seeds",
+                                "advantage at insertion [95%]", "steps to halve"], rows)
+
+
+# ---------------------------------------------------------------------------- the report
+
+def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps: list[int],
+                 k: int, workdir: str) -> list[str]:
+  """The study's sections (markdown lines) from every finished run's measures and training
+  losses, both keyed by (variant, seed); draws its two figures into workdir."""
+  events = range(1, len(event_steps) + 1)
+  per_event = lambda *names: [f"{n}/{i}" for n in names for i in events]
+  grown = [v for v in variants if config_lib.is_grown(v)]
+  lines = ["## Final results (mean ± sample std over seeds)", ""]
+  lines += final_table(measures, variants, seeds)
+  lines += ["", "## Training loss after each growth event (mean ± 95% half-width over seeds)",
+            "", f"post_event_loss/i: the mean training loss of the {k} steps after event i, "
+            "leaving out the first (taken before the grown model's first update).", ""]
+  lines += summary_table(measures, variants, per_event("post_event_loss"))
+  if grown:
+    lines += ["", "## What the units carry: change when every unit is switched off (mean ± 95% "
+              "half-width)", ""]
+    lines += summary_table(measures, grown, ["units_off_top1", "units_off_loss"])
+  shares = [units_share(measures, v, "static_reduced", name) for name in UNITS_OFF for v in grown]
+  if any(shares):
+    lines += ["", "## The units' share of the gain over static_reduced (paired by seed)", "",
+              "(intact - units off) / (intact - static_reduced): the mean of each over the "
+              "seeds, then their ratio; it means little where the gain is not resolved.", ""]
+    lines += units_share_table([r for r in shares if r])
+  if grown:
+    lines += ["", "## The criterion: growth events in split mode, loss change per million added "
+              "parameters", "",
+              "The chosen neurons grown as gated units in split mode at growth.split_check_scale "
+              "eps, each gain downhill. split_predicted: the second-order prediction, the sum of "
+              "-1/2 eps^2 |r^T S r| over the chosen units (on the probe); split_probe: measured on "
+              "the probe; split_check: measured on the held-aside check batch (the first test "
+              "batch).", ""]
+    lines += summary_table(measures, grown, per_event("split_predicted", "split_probe",
+                                                      "split_check"))
+  to_splitting = [(v, config_lib.at_scale_of(v, "splitting")) for v in grown + ["static_reduced"]]
+  rows = comparisons(measures, [(v, r) for v, r in to_splitting if v != r and r in variants],
+                     ["top1", "test_loss"] + per_event("post_event_loss", "split_check"))
+  conventional = [(v, "static_uniform") for v in grown if "static_uniform" in variants]
+  if {"static_full", "static_reduced"} <= set(variants):
+    conventional.append(("static_full", "static_reduced"))
+  rows += comparisons(measures, conventional, ["top1", "test_loss"])
+  lines += ["", "## Paired differences (variant - reference, same seed; 95% t-interval)", "",
+            "Each grown variant against the paper's text at its unit scale. noise_floor - "
+            "splitting is the same run perturbed by growth.perturbation right after the first "
+            "event: a difference within its interval is below what the study resolves.", ""]
+  lines += comparison_table(rows)
+  counterparts = [(v, config_lib.random_counterpart(v)) for v in grown]
+  counterparts = [(v, r) for v, r in counterparts if r in variants]
+  window = max(k // 5, 1)
+  if counterparts and event_steps:
+    lines += ["", "## How long a rule's advantage over random neurons lasts", "",
+              f"The random counterpart's training loss minus the rule's over the {k} steps "
+              "after each event that post_event_loss averages, mean over seeds, smoothed by "
+              f"the mean over the {window} steps from each: its value at insertion (the first "
+              "window; interval over seeds), and the steps from the first counted one until "
+              "it has fallen to half of that.", ""]
+    lines += halving_table(losses, counterparts, event_steps, k, window)
+  if rows:
+    plots.save(forest_figure(rows), os.path.join(workdir, "forest.png"))
+  curves = {v: [run for (name, _), run in losses.items() if name == v]
+            for v in grown + ["static_reduced"] if v in variants}
+  if event_steps and curves:
+    plots.save(loss_around_events_figure(curves, event_steps, before=k, after=2 * k),
+               os.path.join(workdir, "loss_around_events.png"))
+  lines += ["", "![training loss around the growth events](loss_around_events.png)", "",
+            "![paired differences](forest.png)"]
+  return lines
 
 
 # ---------------------------------------------------------------------------- figures

@@ -17,6 +17,9 @@ with gated units in split mode instead (|a| = 1, downhill), on a copy and at the
 growth.split_check_scale where the second-order prediction holds, change the loss by about
 -1/2 |r^T S r| each (docs/method.md, "The unit"); the record keeps that prediction and the
 measured change on the probe and on the check batch, each per added parameter.
+
+With growth.perturbation > 0 the first event then perturbs every parameter (`perturb`): the
+noise-floor variant, whose picks at that event are those of the same run unperturbed.
 """
 
 from collections.abc import Callable
@@ -106,10 +109,21 @@ def split_check(loss_fn, variables, spectrum, plan: grow.Plan, unit_scale: float
   return out
 
 
+def perturb(params, relative_size: float, rng: jax.Array):
+  """Every parameter entry p as p (1 + relative_size N(0, 1)), independently: a change of
+  relative_size of each entry's own size, however the units are stored, that leaves zeros at
+  zero (so a new gated unit still starts at a = 0)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(rng, len(leaves))
+  return treedef.unflatten([p * (1 + relative_size * jax.random.normal(key, p.shape, p.dtype))
+                            for p, key in zip(leaves, keys)])
+
+
 def grow_state(config, model, tx, state, probe: list, *, weights_left: list[float],
                num_classes: int, model_input: Callable, check_batch=None):
   """`state` grown at its step by config.growth, scored on the `probe` batches; weights_left
-  as event_budget takes them.
+  as event_budget takes them (this event's weight, then those of the events after it: all of
+  growth.epochs' at the first event, which alone is perturbed by growth.perturbation).
 
   Returns (grown state, Event). The state is any flax struct with step, params, growth and
   opt_state fields (train.TrainState).
@@ -140,9 +154,14 @@ def grow_state(config, model, tx, state, probe: list, *, weights_left: list[floa
   # Packs sized for the events still to come: they usually fit without another recompile.
   variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale,
                         reserve_events=len(weights_left) - 1)
-  grown = state.replace(params=variables["params"], growth=variables[GROWTH_COLLECTION],
-                        opt_state=grow.migrate_opt_state(tx, state.opt_state, variables["params"]))
-  record["params_after"] = spec.count_params(variables)
+  params = variables["params"]
+  if g.perturbation > 0 and len(weights_left) == len(g.epochs):  # the first event
+    params = perturb(params, g.perturbation,
+                     jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), step))
+    record["perturbation"] = g.perturbation
+  grown = state.replace(params=params, growth=variables[GROWTH_COLLECTION],
+                        opt_state=grow.migrate_opt_state(tx, state.opt_state, params))
+  record["params_after"] = spec.count_params(grown.variables)
   return grown, Event(spectrum, plan, record)
 
 

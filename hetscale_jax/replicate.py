@@ -3,39 +3,32 @@ r"""Replication: growth rules and static models, paired over seeds, with the stu
     python -m hetscale_jax.replicate --workdir workdirs/replication                  # digits
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py \
         --workdir workdirs/study --jobs 2                                          # the study
+    python -m hetscale_jax.replicate --config configs/study_mnist5k.py:late \
+        --workdir workdirs/study_late --jobs 2                       # its events later in training
+    python -m hetscale_jax.replicate ... --unit_scales 0.1,0.3,1                    # the sweep
     python -m hetscale_jax.replicate ... --quick                                    # smoke run
 
-Variants of the config (default: configs/default.py; any --config.field=value applies to all),
-as config_lib.VARIANTS defines them:
-
-  splitting, authors,    the reduced model grown by that mechanism (rule, unit kind and
-  grad_norm, random,     allocation) at the config's growth events, with the same budget
-  random_linear,
-  uniform, first_order
-  static_reduced         the reduced model, never grown
-  static_full            the full widths (head_dim = width / num_heads, mlp_dim = 4 * width)
-  static_uniform         head_dim and mlp_dim in the full model's ratio, the pair whose
-                         parameter count is closest to the grown models' (growth.target_params,
-                         or the start plus every event's budget): conventional scaling
+Variants of the config (default: configs/default.py; any --config.field=value applies to all):
+config_lib.VARIANTS, defined there. --unit_scales runs every variant that takes a unit scale
+(config_lib.takes_unit_scale: the gated ones but split) once at each scale, as "splitting@0.3"
+(the config's own scale keeps the plain name); the others run once.
 
 Pairing: for each seed every variant starts from the same initial parameters where shapes
 allow (the grown variants and static_reduced), sees the same batches, and the grown variants
-grow at the same steps; they differ only in their growth mechanism. Every variant logs its training loss
-at every step, and every rule's growth events also measure the split-mode loss change on a
-held-aside batch (growth_event.split_check). The evidence (hetscale_jax.evidence): per variant
-the final test top-1 and loss, parameters, FLOPs, the mean training loss of the
---post_event_steps steps after each event and the split check; paired differences with 95%
-intervals of each rule to splitting and to static_uniform; the training loss around each event
-and a forest plot of the differences.
+grow at the same steps; they differ only in their growth mechanism. Every variant logs its
+training loss at every step, and every rule's growth events also measure the split-mode loss
+change on a held-aside batch (growth_event.split_check). The evidence and its report:
+hetscale_jax.evidence.
 
 --quick halves training (half the epochs, growth events at the same fractions of training,
 one evaluation at the end). Each run trains in a worker process in its own workdir
 <workdir>/<variant>/seed<k> (summary.json, metrics.jsonl, plots, config.json, checkpoints,
 train.log); a run whose summary.json exists is not run again and an interrupted one resumes
-from its checkpoint, so a stopped replication goes on where it was, seeds can be added, and
-running the command again over finished runs only renders the report. All runs share one
-persistent XLA cache in <workdir>/xla_cache. The report goes to <workdir>/replication.md (and
-stdout), its figures to <workdir>/loss_around_events.png and <workdir>/forest.png.
+from its checkpoint, so a stopped replication goes on where it was, seeds, variants and unit
+scales can be added, and running the command again over finished runs only renders the
+report. All runs share one persistent XLA cache in <workdir>/xla_cache. The report goes to
+<workdir>/replication.md (and stdout), its figures to <workdir>/loss_around_events.png and
+<workdir>/forest.png.
 """
 
 from concurrent import futures
@@ -52,10 +45,9 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
-import numpy as np
 import tensorflow as tf
 
-from hetscale_jax import (config_lib, datasets, evidence, growth_event, input_pipeline, plots,
+from hetscale_jax import (config_lib, datasets, evidence, growth_event, input_pipeline,
                           report, train)
 from hetscale_jax import workdir as workdir_lib
 
@@ -69,6 +61,11 @@ _SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0 .. seeds-1 of every variant."
 _QUICK = flags.DEFINE_bool("quick", False, "Half the config's epochs, one evaluation.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Runs trained at once, each in its own process.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Which variants to run.")
+_UNIT_SCALES = flags.DEFINE_list(
+    "unit_scales", [], "The sweep: every variant that takes a unit scale once at each of these "
+    "growth.unit_scale values (none: the config's).")
+flags.register_validator("unit_scales", lambda texts: all(map(config_lib.is_positive_number, texts)),
+                         "--unit_scales: give numbers > 0, e.g. 0.1,0.3,1")
 _POST_EVENT_STEPS = flags.DEFINE_integer(
     "post_event_steps", 50, "K: the training steps after each growth event whose mean loss "
     "the rules are compared on.")
@@ -96,6 +93,17 @@ def variant_config(base, variant: str, seed: int, sizes: dict):
   c.log_every_steps = 1  # the loss of every step: post-event means, loss around the events
   c.growth.measure_split = c.growth.enabled
   return c
+
+
+def sweep_unit_scales(variants, unit_scales: list[float], config_scale: float) -> list[str]:
+  """The run names of `variants`: each that takes a unit scale once at each of `unit_scales`
+  (none: the config's), the others once. The config's own scale keeps the plain name, so the
+  sweep shares those runs with the study run without it."""
+  names = []
+  for v in variants:
+    scales = (unit_scales or [config_scale]) if config_lib.takes_unit_scale(v) else [config_scale]
+    names += [v if s == config_scale else config_lib.scaled(v, s) for s in scales]
+  return names
 
 
 # ---------------------------------------------------------------------------- running
@@ -167,33 +175,7 @@ def run_all(configs: dict, jobs: int) -> dict:
   return summaries
 
 
-# ---------------------------------------------------------------------------- table
-
-def mean_std(values) -> str:
-  if not values:
-    return "n/a"
-  if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
-
-
-def table(configs: dict, summaries: dict, variants) -> list[str]:
-  rows = []
-  for variant in variants:
-    keys = [k for k in configs if k[0] == variant]
-    done = [(k, summaries[k]) for k in keys if summaries[k] is not None]
-    top1 = [100 * s["eval"]["top1"] for _, s in done]
-    params = sorted({s["params"] for _, s in done})
-    flops = [report.config_flops(configs[k][0], s["architecture"]) for k, s in done]
-    rows.append([variant, f"{len(done)}/{len(keys)}", mean_std(top1),
-                 mean_std([100 * s["eval"]["top5"] for _, s in done]),
-                 (f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}–{params[-1]:,}")
-                 if params else "n/a",
-                 f"{np.mean(flops) / 1e6:.2f}" if flops and None not in flops else "n/a",
-                 f"{np.mean([s['wall_seconds'] for _, s in done]):.0f}" if done else "n/a"])
-  return report.markdown_table(["variant", "runs", "top-1 % (mean ± std)", "top-5 %",
-                               "params (final)", "MFLOPs/image", "wall s/run"], rows)
-
+# ---------------------------------------------------------------------------- report
 
 def settings(base, seeds: int, jobs: int, wall_seconds: float) -> list[str]:
   g = base.growth
@@ -208,64 +190,21 @@ def settings(base, seeds: int, jobs: int, wall_seconds: float) -> list[str]:
       f"{tuple(g.epochs)}, "
       + (f"up to {g.target_params:,} params" if g.target_params else
          f"{g.budget_per_event:,} params each") + " (max layer fraction "
-      f"{g.max_layer_fraction}, {g.num_iters} Lanczos iterations); seeds 0-{seeds - 1}.",
-      "Std: sample standard deviation over seeds (ddof 1).",
+      f"{g.max_layer_fraction}, unit scale {g.unit_scale} unless the variant sets one, "
+      f"{g.num_iters} Lanczos iterations); seeds 0-{seeds - 1}.",
   ]
 
 
-# ---------------------------------------------------------------------------- evidence
-
-def study_measures(configs: dict, summaries: dict, event_steps: list[int], k: int) -> dict:
-  """evidence.run_measures of every finished run, by (variant, seed)."""
-  return {key: evidence.run_measures(
-              s, evidence.train_losses(configs[key][1]), event_steps, k,
-              report.config_flops(configs[key][0], s["architecture"]))
-          for key, s in summaries.items() if s is not None}
-
-
-def evidence_sections(configs: dict, summaries: dict, variants, event_steps: list[int], k: int,
-                      workdir: str) -> list[str]:
-  """The study's tables (markdown lines); draws its two figures into workdir."""
-  measures = study_measures(configs, summaries, event_steps, k)
-  events = range(1, len(event_steps) + 1)
-  rules = [v for v in config_lib.GROWN_VARIANTS if v in variants]
-  per_event = lambda *names: [f"{n}/{i}" for n in names for i in events]
-  lines = ["", "## Per variant (mean ± 95% half-width over seeds)", ""]
-  lines += evidence.summary_table(measures, variants, ["top1", "test_loss", "params", "mflops"]
-                                  + per_event("post_event_loss"))
-  if rules:
-    lines += ["", "## What the units carry: change when every unit is switched off (mean ± 95% "
-              "half-width)", ""]
-    lines += evidence.summary_table(measures, rules, ["units_off_top1", "units_off_loss"])
-  if rules:
-    lines += ["", "## The criterion: growth events in split mode, loss change per million added "
-              "parameters", "",
-              "The chosen neurons grown as gated units in split mode at growth.split_check_scale "
-              "eps, each gain downhill. split_predicted: the second-order prediction, the sum of "
-              "-1/2 eps^2 |r^T S r| over the chosen units (on the probe); split_probe: measured on "
-              "the probe; split_check: measured on the held-aside check batch (the first test "
-              "batch).", ""]
-    lines += evidence.summary_table(measures, rules, per_event("split_predicted", "split_probe",
-                                                               "split_check"))
-  pairs = [(v, "splitting") for v in rules[1:] + ["static_reduced"] if v in variants]
-  rows = evidence.comparisons(measures, pairs, ["top1", "test_loss"]
-                              + per_event("post_event_loss", "split_check"))
-  conventional = [(v, "static_uniform") for v in rules] if "static_uniform" in variants else []
-  conventional += [("static_full", "static_reduced")] if {"static_full", "static_reduced"} <= set(variants) else []
-  rows += evidence.comparisons(measures, conventional, ["top1", "test_loss"])
-  lines += ["", "## Paired differences (variant - reference, same seed; 95% t-interval)", ""]
-  lines += evidence.comparison_table(rows)
-  if rows:
-    plots.save(evidence.forest_figure(rows), os.path.join(workdir, "forest.png"))
-  curves = {v: [evidence.train_losses(configs[key][1]) for key in configs
-                if key[0] == v and summaries[key] is not None]
-            for v in rules + ["static_reduced"] if v in variants}
-  if event_steps and curves:
-    plots.save(evidence.loss_around_events_figure(curves, event_steps, before=k, after=2 * k),
-               os.path.join(workdir, "loss_around_events.png"))
-  lines += ["", "![training loss around the growth events](loss_around_events.png)", "",
-            "![paired differences](forest.png)"]
-  return lines
+def study_measures(configs: dict, summaries: dict, event_steps: list[int],
+                   k: int) -> tuple[dict, dict]:
+  """(evidence.run_measures, evidence.train_losses) of every finished run, by (variant, seed)."""
+  losses = {key: evidence.train_losses(configs[key][1])
+            for key, s in summaries.items() if s is not None}
+  measures = {key: evidence.run_measures(
+                  summaries[key], run_losses, event_steps, k,
+                  report.config_flops(configs[key][0], summaries[key]["architecture"]))
+              for key, run_losses in losses.items()}
+  return measures, losses
 
 
 def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
@@ -284,10 +223,11 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
   growth_config.growth.enabled = True
   event_steps = growth_event.event_steps(
       growth_config, datasets.steps_per_epoch(info, base.batch_size))
+  measures, losses = study_measures(configs, summaries, event_steps, post_event_steps)
   lines = ["# Replication", ""] + settings(base, seeds, jobs, time.perf_counter() - start)
-  lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).",
-            "", "## Final results", ""] + table(configs, summaries, variants)
-  lines += evidence_sections(configs, summaries, variants, event_steps, post_event_steps, workdir)
+  lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).", ""]
+  lines += evidence.study_report(measures, losses, variants, seeds, event_steps, post_event_steps,
+                                 workdir)
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "replication.md"), "w") as f:
     f.write(text)
@@ -303,7 +243,8 @@ def main(argv):
   base = flags.FLAGS.config
   if _QUICK.value:
     base = quick(base)
-  variants = [v for v in VARIANTS if v in _VARIANTS.value]
+  variants = sweep_unit_scales([v for v in VARIANTS if v in _VARIANTS.value],
+                               [float(s) for s in _UNIT_SCALES.value], base.growth.unit_scale)
   text, failed = run_study(base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value,
                            variants=variants, post_event_steps=_POST_EVENT_STEPS.value)
   print("\n" + text)

@@ -31,9 +31,45 @@ assert not heavy, heavy
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("name", ["default", "tiny_test", "deit_s_in100", "deit_s_cifar100"])
-def test_shipped_configs_validate(name):
-  config_lib.validate(load_config(name))
+@pytest.mark.parametrize("name, args", [("default", ()), ("tiny_test", ()), ("deit_s_in100", ()),
+                                        ("deit_s_cifar100", ()), ("study_mnist5k", ()),
+                                        ("study_mnist5k", ("late",))])
+def test_shipped_configs_validate(name, args):
+  config_lib.validate(load_config(name, *args))
+
+
+def test_the_study_regimes_differ_only_in_their_growth_events():
+  early, late = load_config("study_mnist5k"), load_config("study_mnist5k", "late")
+  assert early.growth.epochs == (3.0, 6.0) and late.growth.epochs == (12.0, 18.0)
+  late.growth.epochs = early.growth.epochs
+  assert late.to_dict() == early.to_dict()
+  with pytest.raises(ValueError, match="regime 'middle'"):
+    load_config("study_mnist5k", "middle")
+
+
+def test_variant_names_carry_a_unit_scale_where_the_unit_has_one():
+  sizes = {}  # grown variants need no sizes
+  config = load_config("study_mnist5k")
+  scaled = config_lib.apply_variant(config, "noise_floor@0.3", sizes)
+  assert scaled.growth.unit_scale == 0.3 and scaled.growth.perturbation == 1e-3
+  assert config_lib.apply_variant(config, "noise_floor", sizes).growth.unit_scale == 1.0
+  split = config_lib.apply_variant(config, "split", sizes)
+  assert (split.growth.mode, split.growth.unit_scale, split.growth.rule) == ("split", 0.1, "splitting")
+  assert config_lib.parse_variant("random@1") == ("random", 1.0)
+  for bad in ("split@0.3", "authors@0.3", "splitting@0", "splitting@big", "splitting@-1"):
+    with pytest.raises(ValueError, match=re.escape(f"variant {bad!r}: only [")):
+      config_lib.parse_variant(bad)
+  with pytest.raises(ValueError, match="variant 'best': choose one of"):
+    config_lib.parse_variant("best")
+
+
+@pytest.mark.parametrize("name, counterpart", [
+    ("splitting", "random"), ("splitting@0.3", "random@0.3"), ("uniform", "random"),
+    ("first_order@0.1", "random@0.1"), ("authors", "random_linear"),
+    ("grad_norm", "random_linear"), ("split", None), ("noise_floor", None), ("random", None),
+    ("random_linear", None), ("static_reduced", None)])
+def test_a_rule_is_measured_against_random_neurons_grown_the_same_way(name, counterpart):
+  assert config_lib.random_counterpart(name) == counterpart
 
 
 @pytest.mark.parametrize("variant", config_lib.VARIANTS)
@@ -112,6 +148,7 @@ def test_closed_form_param_count_matches_the_model(overrides):
     ("growth.min_candidates", 0, "config.growth.min_candidates=0"),
     ("growth.budget_weights", "steps", "config.growth.budget_weights='steps'"),
     ("growth.split_check_scale", 0.0, "config.growth.split_check_scale=0.0"),
+    ("growth.perturbation", -1e-3, "config.growth.perturbation=-0.001"),
     ("data.repeated_augmentation", 0, "config.data.repeated_augmentation"),
 ])
 def test_bad_values_name_the_field(field, value, message):

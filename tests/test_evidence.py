@@ -21,10 +21,47 @@ def test_t_interval_against_the_closed_form():
   assert mean == 0.7 and math.isnan(low) and math.isnan(high)
 
 
-def test_post_event_loss_is_the_mean_of_the_k_steps_after_the_event():
+def test_post_event_loss_is_the_mean_of_the_k_steps_after_the_first_after_the_event():
   losses = {s: float(s) for s in range(1, 21)}
-  assert evidence.post_event_loss(losses, event_step=10, k=4) == np.mean([11, 12, 13, 14])
-  assert math.isnan(evidence.post_event_loss(losses, event_step=18, k=4))  # step 21 missing
+  # Step 11's loss is the grown model's before its first update: left out.
+  assert evidence.post_event_loss(losses, event_step=10, k=4) == np.mean([12, 13, 14, 15])
+  assert math.isnan(evidence.post_event_loss(losses, event_step=16, k=4))  # step 21 missing
+
+
+def test_halving_step_of_a_noisy_exponential_decay():
+  """An advantage 3 exp(-t ln 2 / 9.5) halves between t = 9 and t = 10, under an oscillation
+  of period 5 and amplitude 2 that crosses half at t = 3 unsmoothed; the mean over windows of
+  5 steps removes the oscillation and keeps the decay's rate, so the answer is 10."""
+  t = np.arange(50)
+  advantage = 3.0 * np.exp(-t * np.log(2) / 9.5) + 2.0 * np.sin(2 * np.pi * t / 5)
+  assert evidence.halving_step(advantage, window=5) == 10
+  assert evidence.halving_step(advantage, window=1) == 3  # unsmoothed: the oscillation
+  assert evidence.halving_step(advantage[:14], window=5) is None  # windows up to t = 9 only
+  assert evidence.halving_step(np.full(20, 0.1), window=5) is None  # never halves
+  assert evidence.halving_step(-advantage, window=5) is None  # no advantage to halve
+
+
+def test_advantage_after_an_event_is_paired_by_seed_over_the_post_event_steps():
+  rule = {s: 1.0 for s in range(1, 30)}
+  losses = {("rule", 0): rule, ("rule", 1): rule, ("random", 0): {s: 1.0 + s for s in rule},
+            ("random", 2): rule}
+  advantage = evidence.advantage_after(losses, "rule", "random", event_step=10, k=3)
+  np.testing.assert_array_equal(advantage, [[12.0, 13.0, 14.0]])  # seed 0: steps 12..14
+
+
+def test_units_share_is_the_ratio_of_the_paired_means():
+  measures = {}
+  for s in range(4):
+    measures["static_reduced", s] = {"top1": 90.0 + s, "test_loss": 0.5}
+    # Gains of 2 +- 1 points, of which the units carry 1 +- 0.5 (their ablation loses it).
+    measures["grown", s] = {"top1": 92.0 + s + (-1) ** s, "test_loss": 0.4,
+                            "units_off_top1": -1.0 - 0.5 * (-1) ** s, "units_off_loss": 0.05}
+  top1 = evidence.units_share(measures, "grown", "static_reduced", "top1")
+  loss = evidence.units_share(measures, "grown", "static_reduced", "test_loss")
+  assert top1["n"] == 4 and top1["carried"][0] == 1.0 and top1["gain"][0] == 2.0
+  assert top1["share"] == 0.5
+  np.testing.assert_allclose(loss["share"], (0.4 - 0.45) / (0.4 - 0.5))
+  assert evidence.units_share(measures, "grown", "absent", "top1") is None
 
 
 def test_paired_differences_pair_by_seed_and_skip_missing_runs():
@@ -50,13 +87,14 @@ def test_comparisons_resolve_only_intervals_that_exclude_zero():
 
 
 def test_run_measures_reads_a_summary():
-  summary = {"eval": {"top1": 0.875, "loss": 0.4}, "params": 1234,
+  summary = {"eval": {"top1": 0.875, "top5": 1.0, "loss": 0.4}, "params": 1234,
+             "wall_seconds": 12.5,
              "growth_events": [{"split_check": {"predicted": -2e-6, "probe": -1e-6,
                                                 "check": 5e-7}}, {}]}
   losses = {s: 1.0 for s in range(1, 40)}
   out = evidence.run_measures(summary, losses, event_steps=[10, 30], k=5, flops=3_000_000)
   assert out["top1"] == 87.5 and out["test_loss"] == 0.4 and out["params"] == 1234
-  assert out["mflops"] == 3.0
+  assert out["mflops"] == 3.0 and out["top5"] == 100.0 and out["wall_seconds"] == 12.5
   assert out["post_event_loss/1"] == 1.0 and out["post_event_loss/2"] == 1.0
   np.testing.assert_allclose([out["split_predicted/1"], out["split_probe/1"],
                               out["split_check/1"]], [-2.0, -1.0, 0.5])
@@ -78,3 +116,39 @@ def test_figures_are_drawn(figure, tmp_path):
   path = tmp_path / f"{figure}.png"
   plots.save(fig, str(path))
   assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_study_report_pairs_each_variant_with_its_references(tmp_path):
+  """From synthetic runs: each grown variant against splitting at its own unit scale, the
+  rules against random neurons at the same scale, the units' share against static_reduced."""
+  variants = ["splitting", "splitting@0.3", "split", "noise_floor", "random", "random@0.3",
+              "static_reduced"]
+  event_steps, k = [25], 20
+  measures, losses = {}, {}
+  for variant in variants:
+    for seed in range(3):
+      # The rules' loss falls below random's by 0.1 just after the event, then the gap decays.
+      gap = 0.0 if variant.startswith("random") or variant == "static_reduced" else 0.1
+      losses[variant, seed] = {s: 1.0 + 0.01 * seed - gap * np.exp(-max(s - 27, 0) / 5.0)
+                               * (s > 25) for s in range(1, 70)}
+      measures[variant, seed] = evidence.run_measures(
+          {"eval": {"top1": 0.9, "top5": 1.0, "loss": 0.3}, "params": 100,
+           "wall_seconds": 1.0, "growth_events": [],
+           "unit_ablation": None if variant == "static_reduced" else
+           {"intact": {"top1": 0.9, "loss": 0.3}, "units_off": {"top1": 0.89, "loss": 0.31}}},
+          losses[variant, seed], event_steps, k, flops=None)
+  text = "\n".join(evidence.study_report(measures, losses, variants, 3, event_steps, k,
+                                         str(tmp_path)))
+  for pair in ("random@0.3 - splitting@0.3", "split - splitting", "noise_floor - splitting",
+               "random - splitting", "static_reduced - splitting"):
+    assert f"| top1 | {pair} | 3 |" in text, pair
+  for pair in ("splitting@0.3 - splitting", "random@0.3 - splitting", "split - random"):
+    assert f"| {pair} |" not in text, pair
+  # The gap is 0.1 exp(-t / 5) at the t-th counted step: in windows of k / 5 = 4 steps it
+  # has halved where exp(-t / 5) <= 1/2, t >= 5 ln 2 = 3.5, so at t = 4.
+  for pair in ("splitting - random", "splitting@0.3 - random@0.3"):
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {pair} | 1 | 3 |")]
+    assert row.endswith("| 4 |"), row
+  assert "| noise_floor - random |" not in text  # no random variant is perturbed
+  assert "| top1 | splitting (reference static_reduced) | 3 |" in text
+  assert (tmp_path / "forest.png").read_bytes()[:8] == PNG_MAGIC

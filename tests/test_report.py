@@ -22,15 +22,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-  """The replication study end to end at a tiny size: one seed of the paper's text, the
-  released mechanism and the static reduced model, trained in worker processes as `python -m hetscale_jax.replicate` trains them
-  (one event: the spectrum's compilation dominates a tiny run). Returns its workdir."""
+  """The replication study end to end at a tiny size: one seed of the paper's text, its split
+  and noise-floor variants, the released mechanism and the static reduced model, trained in
+  worker processes as `python -m hetscale_jax.replicate` trains them (one event: the
+  spectrum's compilation dominates a tiny run, and the variants of the paper's text reuse it
+  from the study's cache). Returns its workdir."""
   workdir = str(tmp_path_factory.mktemp("study"))
   config = tiny_config()
   config.growth.epochs = (1.0,)
   config.checkpoint_every_steps = 1000  # checkpoints: the growth event's and the last step's
   _, failed = replicate.run_study(config, workdir, seeds=1, jobs=1,
-                                  variants=["splitting", "authors", "static_reduced"],
+                                  variants=["splitting", "split", "noise_floor", "authors",
+                                            "static_reduced"],
                                   post_event_steps=5)
   assert failed == 0
   return workdir
@@ -72,6 +75,48 @@ def test_study_pairs_the_variants_until_the_growth_event(study):
   assert "| top1 | authors - splitting | 1 |" in text
   for figure in ("forest.png", "loss_around_events.png"):
     assert pathlib.Path(study, figure).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_study_pairs_the_split_and_noise_floor_variants_with_the_papers_text(study):
+  """split and noise_floor train as splitting does up to the event and grow the same neurons.
+  noise_floor then has every parameter off by about growth.perturbation of itself; split grows
+  them in split mode, which changes its first loss after the event (taken on the probe batch,
+  before an update) by what the event's split check measured on the probe for the same
+  growth."""
+  dirs = {v: replicate.run_dir(study, v, 0) for v in ("splitting", "split", "noise_floor")}
+  events = {v: _summary(d)["growth_events"][0] for v, d in dirs.items()}
+  event_step = events["splitting"]["step"]
+  losses = {v: evidence.train_losses(d) for v, d in dirs.items()}
+  at_event = {v: read_checkpoint(d, event_step).variables for v, d in dirs.items()}
+  flat = {v: traverse_util.flatten_dict(at_event[v]["params"], sep="/") for v in dirs}
+  for v in ("split", "noise_floor"):
+    assert [losses[v][s] for s in range(1, event_step + 1)] == (
+        [losses["splitting"][s] for s in range(1, event_step + 1)]), v
+    assert events[v]["grown"] == events["splitting"]["grown"], v
+    jax.tree.map(np.testing.assert_array_equal, at_event[v][GROWTH_COLLECTION],
+                 at_event["splitting"][GROWTH_COLLECTION])
+
+  assert events["noise_floor"]["perturbation"] == 1e-3 and "perturbation" not in events["splitting"]
+  change = {k: flat["noise_floor"][k] - p for k, p in flat["splitting"].items()}
+  relative = np.sqrt(sum(np.sum(c**2) for c in change.values())
+                     / sum(np.sum(p**2) for p in flat["splitting"].values()))
+  assert 0.9e-3 < relative < 1.1e-3, relative
+  for k, p in flat["splitting"].items():  # entry by entry, zeros (a new unit's gain) kept
+    assert np.all(np.abs(change[k]) <= 6e-3 * np.abs(p)), k
+
+  first = event_step + 1
+  check = events["splitting"]["split_check"]
+  np.testing.assert_allclose(losses["split"][first] - losses["splitting"][first],
+                             check["probe"] * events["splitting"]["plan_params"], atol=1e-5)
+  assert losses["split"][first] != losses["splitting"][first]
+
+
+def test_the_unit_scale_sweep_names_every_gated_exact_variant_once_per_scale():
+  variants = ["splitting", "split", "authors", "random", "static_reduced"]
+  assert replicate.sweep_unit_scales(variants, [], 1.0) == variants
+  assert replicate.sweep_unit_scales(variants, [0.1, 0.3, 1.0], 1.0) == [
+      "splitting@0.1", "splitting@0.3", "splitting", "split", "authors", "random@0.1",
+      "random@0.3", "random", "static_reduced"]
 
 
 NAMES = ("splitting/seed0", "static_reduced/seed0")  # report.run_names of the two runs
