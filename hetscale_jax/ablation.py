@@ -28,6 +28,8 @@ def mean_contributions(sown, variables) -> dict[str, float]:
     path = key.rsplit("/", 1)[0]
     neurons = np.unique(np.concatenate([np.asarray(p.index)[np.asarray(p.live)]
                                         for p in grown[path].values()]))
+    if not neurons.size:  # slots reserved for later events, none used
+      continue
     out[path] = float(np.mean(np.asarray(per_neuron)[neurons]))
   return dict(sorted(out.items()))
 

@@ -115,6 +115,8 @@ def describe(spec: dict) -> str:
   lines = []
   for path, layer in spec["layers"].items():
     for kind, per_depth in layer["units"].items():
+      if not sum(per_depth):  # slots reserved for events that did not use them
+        continue
       lines.append(f"{path:<28} {layer['d_in']:>5}->{layer['d_out']:<5} {sum(per_depth):>5} "
                    f"{kind} units on {layer['d_out']} neurons, per depth {per_depth} "
                    f"({layer['slots'][kind]} slots)")
