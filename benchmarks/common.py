@@ -88,9 +88,10 @@ def random_spectrum(variables, layer_kinds, seed: int) -> dict:
   return splitting.random_spectrum(variables, seed, lambda path: grow.layer_kind(path) in layer_kinds)
 
 
-def grow_state(trainer: Trainer, state, plan, spectrum):
-  """state with the plan's units added and its optimizer state migrated, as train.py does."""
-  variables = grow.grow(state.variables, plan, spectrum, mode="exact")
+def grow_state(trainer: Trainer, state, plan, spectrum, reserve_events: int = 0):
+  """state with the plan's units added (packs sized for `reserve_events` more events) and its
+  optimizer state migrated, as train.py does."""
+  variables = grow.grow(state.variables, plan, spectrum, mode="exact", reserve_events=reserve_events)
   opt_state = grow.migrate_opt_state(trainer.tx, state.opt_state, variables["params"])
   return state.replace(params=variables["params"], growth=variables["growth"], opt_state=opt_state)
 

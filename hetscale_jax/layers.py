@@ -24,9 +24,9 @@ A gated unit at depth d reads its neuron's output after the units at depths < d:
 twice gets its second unit on top of its first. The units of one depth sit on distinct neurons,
 so each depth is one gather and one scatter, and a scan over the depth axis applies them in
 order: the code is the same for any D. Linear units do not read z_j, so they all apply at once
-(D = 1), before the gated ones. Capacities C are padded to powers of two (`capacity`), so that
-runs of one config that grow by different amounts mostly share shapes, and the persistent XLA
-cache serves them. A padded slot (a column of at_depth with no True) is exactly inert: its
+(D = 1), before the gated ones. Capacities C are padded to a ladder of sizes (`capacity`:
+powers of two and the points halfway between), so that events and runs that grow by different
+amounts often share shapes, and a compiled program or the persistent XLA cache serves them. A padded slot (a column of at_depth with no True) is exactly inert: its
 parameters are zero, its contribution and gradient are masked to zero, it is not counted as a
 parameter, and optim.adamw neither steps nor decays it.
 
@@ -78,8 +78,12 @@ def param_name(kind: str, field: str) -> str:
 
 
 def capacity(num_units: int) -> int:
-  """Slots that hold `num_units` units: the next power of two, at least MIN_CAPACITY."""
-  return max(MIN_CAPACITY, 1 << max(num_units - 1, 0).bit_length())
+  """Slots that hold `num_units` units: the next of MIN_CAPACITY x 1, 1.5, 2, 3, 4, 6, ...
+  (powers of two and the points halfway between): at most 1.5x the units, in few shapes."""
+  slots = MIN_CAPACITY
+  while slots < num_units:
+    slots = slots * 3 // 2 if slots & (slots - 1) == 0 else slots * 4 // 3
+  return slots
 
 
 def unit_shapes(kind: str, slots: int, d_in: int) -> dict[str, tuple[int, ...]]:

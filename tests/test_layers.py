@@ -145,7 +145,8 @@ def test_units_stack_by_depth_in_padded_slots():
   at_depth[0, [0, 1, 3]] = True  # first units on 4, 1 and 2
   at_depth[1, [2, 4]] = True      # the second units on 1 and 4
   np.testing.assert_array_equal(growth["gated_at_depth"], at_depth)
-  assert [layers.capacity(n) for n in (0, 1, 8, 9, 16, 17, 100)] == [8, 8, 8, 16, 16, 32, 128]
+  assert [layers.capacity(n) for n in (0, 1, 8, 9, 13, 17, 25, 33, 100)] == [
+      8, 8, 8, 12, 16, 24, 32, 48, 128]
 
 
 def test_a_pack_that_grows_reserves_room_for_the_events_to_come():
@@ -168,7 +169,7 @@ def test_a_pack_that_grows_reserves_room_for_the_events_to_come():
   variables, shape = add([0, 1, 2, 3, 4, 5], reserve_events=0)  # 16 units, depth 2: fits
   assert shape == (3, 16)
   variables, shape = add([0], reserve_events=1)  # 17 units at depth 3: grows, reserving again
-  assert shape == (5, 32)
+  assert shape == (5, 24)
 
 
 @pytest.mark.parametrize("kind", ["gated", "linear"])
