@@ -26,9 +26,10 @@ so each depth is one gather and one scatter, and a scan over the depth axis appl
 order: the code is the same for any D. Linear units do not read z_j, so they all apply at once
 (D = 1), before the gated ones. Capacities C are padded to a ladder of sizes (`capacity`:
 powers of two and the points halfway between), so that events and runs that grow by different
-amounts often share shapes, and a compiled program or the persistent XLA cache serves them. A padded slot (a column of at_depth with no True) is exactly inert: its
-parameters are zero, its contribution and gradient are masked to zero, it is not counted as a
-parameter, and optim.adamw neither steps nor decays it.
+amounts often share shapes, and a compiled program or the persistent XLA cache serves them.
+A padded slot (a column of at_depth with no True) is exactly inert: its parameters are zero,
+its contribution and gradient are masked to zero, it is not counted as a parameter, and
+optim.adamw neither steps nor decays it.
 
 This module owns the unit variables' names, shapes, parameter counts and packed layout
 (`UnitPack`, `add_unit_packs`); it knows nothing about how units are chosen.
