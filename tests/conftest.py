@@ -92,7 +92,9 @@ TINY_RUN_GROUP = pytest.mark.xdist_group("tiny_run")
 @pytest.fixture(scope="session")
 def tiny_run(xla_cache, tmp_path_factory):
   """(workdir, summary) of the tiny config trained uninterrupted: every test reads it, none
-  changes it."""
+  changes it. Trained after clearing JAX's in-memory caches, so that its compile counts are a
+  fresh process's whichever tests this worker ran before."""
+  jax.clear_caches()
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   return workdir, train.train_and_evaluate(tiny_config(), workdir)
 
