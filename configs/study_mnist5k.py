@@ -29,6 +29,8 @@ def get_config(regime="early"):
 
   c.growth.epochs = GROWTH_EPOCHS[regime]
   c.growth.budget_per_event = 2_000  # below every layer's cap in sum: the rules must choose
+  c.growth.unit_only_steps = 50      # the next 50 batches: as many steps as post_event_loss averages
+  c.growth.held_aside_batches = 4    # 256 of the 1,000 test images
 
   c.log_every_steps = 10
   c.eval_every_epochs = float(c.num_epochs)  # once, at the end

@@ -74,6 +74,9 @@ def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   c.growth.method = "collected"               # or "streamed" (memory of one training step)
   c.growth.measure_split = False              # also measure the split-mode loss change (growth_event)
   c.growth.split_check_scale = 0.1            # ... at this unit_scale, where 2nd order holds
+  c.growth.unit_only_steps = 0                # also train each event's new units alone, base
+                                              #   frozen, this many steps on a copy (unit_only.py)
+  c.growth.held_aside_batches = 1             # test batches the two measures above are taken on
   c.growth.perturbation = 0.0                 # the noise floor: right after the first event,
                                               #   every parameter p -> p (1 + this N(0, 1))
 
@@ -209,6 +212,8 @@ def validate(config) -> None:
            "'split' needs growth.unit='gated' (linear units are exact only)")
   _require(g.unit_scale > 0, "growth.unit_scale", g.unit_scale, "must be > 0")
   _require(g.split_check_scale > 0, "growth.split_check_scale", g.split_check_scale, "must be > 0")
+  _require(g.unit_only_steps >= 0, "growth.unit_only_steps", g.unit_only_steps, "must be >= 0 (0: none)")
+  _require(g.held_aside_batches >= 1, "growth.held_aside_batches", g.held_aside_batches, "must be >= 1")
   _require(g.perturbation >= 0, "growth.perturbation", g.perturbation, "must be >= 0 (0: none)")
   _require(0 < g.max_layer_fraction <= 1, "growth.max_layer_fraction", g.max_layer_fraction,
            "must be in (0, 1]")
@@ -222,6 +227,9 @@ def check_against_data(config, info: datasets.DatasetInfo) -> None:
   size = info.image_shape[0]
   _require(size % config.model.patch_size == 0, "model.patch_size", config.model.patch_size,
            f"must divide the {info.name} image size {size}")
+  held_aside = config.growth.held_aside_batches * config.batch_size
+  _require(held_aside <= info.num_eval, "growth.held_aside_batches", config.growth.held_aside_batches,
+           f"times batch_size must be at most the {info.num_eval} {info.name} test images")
   try:
     datasets.check_batch_fits(info.name, info.num_train, config.batch_size)
   except ValueError as e:

@@ -17,11 +17,15 @@ Measures of one run:
                            the first: its loss is the grown model's before any update (for exact
                            growth the ungrown model's, for split mode the step itself)
   split_check/<i>          event i grown in split mode on a copy instead: the loss change on the
-                           held-aside check batch, per added parameter (growth_event.split_check)
+                           held-aside batches, per added parameter (growth_event.split_check)
+  unit_only/<i>            event i's new units trained alone on a copy, base frozen
+                           (unit_only.py): the drop in held-aside loss per added parameter
   units_off_top1,          the change in final test top-1 and loss when every unit is switched
   units_off_loss           off (ablation): what the grown units carry
 
 Across variants, paired by seed:
+  selection                a rule against its random counterpart (config_lib.random_counterpart:
+                           the same unit, random neurons) in unit-only training and at the end
   units' share             of a grown variant's gain over static_reduced, the part its units
                            carry: mean(intact - units off) / mean(intact - static_reduced)
   advantage halving        a rule's advantage over its random counterpart (config_lib.
@@ -39,7 +43,7 @@ from scipy import stats
 
 from hetscale_jax import config_lib, plots, report, writers
 
-SPLIT_CHECK_SCALE = 1e6  # split-check losses are reported per million added parameters
+PER_MILLION = 1e6  # split-check and unit-only losses are reported per million added parameters
 UNITS_OFF = {"top1": "units_off_top1", "test_loss": "units_off_loss"}  # measure -> its ablation
 
 
@@ -80,9 +84,11 @@ def run_measures(summary: dict, losses: dict[int, float], event_steps: list[int]
   for i, event in enumerate(summary["growth_events"], 1):
     if "split_check" in event:
       check = event["split_check"]
-      out[f"split_check/{i}"] = SPLIT_CHECK_SCALE * check["check"]
-      out[f"split_probe/{i}"] = SPLIT_CHECK_SCALE * check["probe"]
-      out[f"split_predicted/{i}"] = SPLIT_CHECK_SCALE * check["predicted"]
+      out[f"split_check/{i}"] = PER_MILLION * check["check"]
+      out[f"split_probe/{i}"] = PER_MILLION * check["probe"]
+      out[f"split_predicted/{i}"] = PER_MILLION * check["predicted"]
+    if "unit_only" in event:
+      out[f"unit_only/{i}"] = PER_MILLION * event["unit_only"]["drop_per_param"]
   return out
 
 
@@ -297,20 +303,33 @@ def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps
               "batch).", ""]
     lines += summary_table(measures, grown, per_event("split_predicted", "split_probe",
                                                       "split_check"))
+  if any(name in m for m in measures.values() for name in per_event("unit_only")):
+    lines += ["", "## Unit-only training: what each event's new units learn alone (held-aside "
+              "loss drop per million added parameters)", "",
+              "On a copy at each event, the event's new units alone train for "
+              "growth.unit_only_steps Adam steps at the run's peak learning rate on the "
+              "training batches that follow, the rest of the model frozen; the drop in loss on "
+              "the held-aside batches (the first test batches), mean ± 95% half-width.", ""]
+    lines += summary_table(measures, grown, per_event("unit_only"))
+  counterparts = [(v, config_lib.random_counterpart(v)) for v in grown]
+  counterparts = [(v, r) for v, r in counterparts if r in variants]
   to_splitting = [(v, config_lib.at_scale_of(v, "splitting")) for v in grown + ["static_reduced"]]
   rows = comparisons(measures, [(v, r) for v, r in to_splitting if v != r and r in variants],
-                     ["top1", "test_loss"] + per_event("post_event_loss", "split_check"))
+                     ["top1", "test_loss"] + per_event("post_event_loss", "split_check", "unit_only"))
+  # splitting's counterpart is random, already above as random - splitting.
+  rows += comparisons(measures, [(v, r) for v, r in counterparts
+                                 if v != config_lib.at_scale_of(v, "splitting")],
+                      ["top1", "test_loss"] + per_event("unit_only"))
   conventional = [(v, "static_uniform") for v in grown if "static_uniform" in variants]
   if {"static_full", "static_reduced"} <= set(variants):
     conventional.append(("static_full", "static_reduced"))
   rows += comparisons(measures, conventional, ["top1", "test_loss"])
   lines += ["", "## Paired differences (variant - reference, same seed; 95% t-interval)", "",
-            "Each grown variant against the paper's text at its unit scale. noise_floor - "
+            "Each grown variant against the paper's text at its unit scale, then each rule "
+            "against random neurons with the same unit (selection). noise_floor - "
             "splitting is the same run perturbed by growth.perturbation right after the first "
             "event: a difference within its interval is below what the study resolves.", ""]
   lines += comparison_table(rows)
-  counterparts = [(v, config_lib.random_counterpart(v)) for v in grown]
-  counterparts = [(v, r) for v, r in counterparts if r in variants]
   window = max(k // 5, 1)
   if counterparts and event_steps:
     lines += ["", "## How long a rule's advantage over random neurons lasts", "",

@@ -2,21 +2,27 @@
 
     steps = event_steps(config, steps_per_epoch)
     weights = train.event_weights(config, lr_schedule, steps)   # budget_weights of each event
-    state, event = grow_state(config, model, tx, state, probe, weights_left=weights[i:],
+    state, event = grow_state(config, model, tx, state, next_batches, weights_left=weights[i:],
                               num_classes=10, model_input=...)
     print(describe(event.record))
 
-The probe is the next training batches (no extra data), scored with the deterministic
-training loss: no drop-path and no mixing, so that every Lanczos product sees the same
-operator (docs/method.md, "Training recipe and schedule"). Only the layer kinds named in
-config.growth.layers are scored at all. The caller recompiles the train step for the grown
+The probe is the next growth.probe_batches training batches (no extra data), scored with the
+deterministic training loss: no drop-path and no mixing, so that every Lanczos product sees
+the same operator (docs/method.md, "Training recipe and schedule"). Only the layer kinds named
+in config.growth.layers are scored at all. The caller recompiles the train step for the grown
 tree and adds the compile time to the record.
 
-With a `check_batch`, the event also measures the criterion itself: the chosen neurons grown
-with gated units in split mode instead (|a| = 1, downhill), on a copy and at the small
-growth.split_check_scale where the second-order prediction holds, change the loss by about
--1/2 |r^T S r| each (docs/method.md, "The unit"); the record keeps that prediction and the
-measured change on the probe and on the check batch, each per added parameter.
+Given `held_aside` batches (never trained on), the event can also measure, on copies, each
+with the same deterministic loss:
+  * growth.measure_split: the criterion itself. The chosen neurons grown with gated units in
+    split mode instead (|a| = 1, downhill), at the small growth.split_check_scale where the
+    second-order prediction holds, change the loss by about -1/2 |r^T S r| each
+    (docs/method.md, "The unit"); the record keeps that prediction and the measured change
+    on the probe and on the held-aside batches, each per added parameter.
+  * growth.unit_only_steps > 0: unit-only training (unit_only.py). The event's new units
+    alone, base frozen, train for that many Adam steps at the run's peak learning rate on
+    the next training batches; the record keeps the held-aside loss before and after, and
+    its drop per added parameter.
 
 With growth.perturbation > 0 the first event then perturbs every parameter (`perturb`): the
 noise-floor variant, whose picks at that event are those of the same run unperturbed.
@@ -30,7 +36,7 @@ import time
 import jax
 import numpy as np
 
-from hetscale_jax import compile_log, grow, losses, sharding, spec
+from hetscale_jax import compile_log, grow, losses, sharding, spec, unit_only
 from hetscale_jax.layers import GROWTH_COLLECTION
 
 
@@ -119,16 +125,21 @@ def perturb(params, relative_size: float, rng: jax.Array):
                             for p, key in zip(leaves, keys)])
 
 
-def grow_state(config, model, tx, state, probe: list, *, weights_left: list[float],
-               num_classes: int, model_input: Callable, check_batch=None):
-  """`state` grown at its step by config.growth, scored on the `probe` batches; weights_left
+def grow_state(config, model, tx, state, next_batches: list, *, weights_left: list[float],
+               num_classes: int, model_input: Callable, peak_lr: float = 0.0,
+               held_aside: list | None = None):
+  """`state` grown at its step by config.growth, scored on the probe (the first
+  growth.probe_batches of `next_batches`, the training batches the run sees next); weights_left
   as event_budget takes them (this event's weight, then those of the events after it: all of
-  growth.epochs' at the first event, which alone is perturbed by growth.perturbation).
+  growth.epochs' at the first event, which alone is perturbed by growth.perturbation). With
+  `held_aside` batches, the measures of the module docstring that config.growth asks for:
+  unit-only training takes the first growth.unit_only_steps of `next_batches`, at `peak_lr`.
 
   Returns (grown state, Event). The state is any flax struct with step, params, growth and
   opt_state fields (train.TrainState).
   """
   g = config.growth
+  probe = next_batches[:g.probe_batches]
   step = int(state.step)
   before = spec.count_params(state.variables)
   start = time.perf_counter()
@@ -148,20 +159,26 @@ def grow_state(config, model, tx, state, probe: list, *, weights_left: list[floa
             "grown": plan.counts(), "rule": plan.rule, "unit": plan.unit,
             "seconds_spectrum": time.perf_counter() - start,
             "eigenvalues": eigenvalue_summary(spectrum)}
-  if check_batch is not None:
+  if held_aside and g.measure_split:
     record["split_check"] = split_check(loss_fn, variables, spectrum, plan, g.split_check_scale,
-                                        {"probe": probe, "check": [check_batch]})
+                                        {"probe": probe, "check": held_aside})
   # Packs sized for the events still to come: they usually fit without another recompile.
-  variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale,
-                        reserve_events=len(weights_left) - 1)
-  params = variables["params"]
+  grown_variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale,
+                              reserve_events=len(weights_left) - 1)
+  params = grown_variables["params"]
   if g.perturbation > 0 and len(weights_left) == len(g.epochs):  # the first event
     params = perturb(params, g.perturbation,
                      jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), step))
     record["perturbation"] = g.perturbation
-  grown = state.replace(params=params, growth=variables[GROWTH_COLLECTION],
+  grown = state.replace(params=params, growth=grown_variables[GROWTH_COLLECTION],
                         opt_state=grow.migrate_opt_state(tx, state.opt_state, params))
   record["params_after"] = spec.count_params(grown.variables)
+  if held_aside and g.unit_only_steps > 0:
+    start = time.perf_counter()
+    record["unit_only"] = unit_only.measure(
+        loss_fn, variables, grown.variables, next_batches[:g.unit_only_steps], held_aside,
+        peak_lr, record["params_after"] - before)
+    record["seconds_unit_only"] = time.perf_counter() - start
   return grown, Event(spectrum, plan, record)
 
 

@@ -218,31 +218,41 @@ def evaluate(eval_step, variables, config, mesh) -> dict:
 def unit_ablation(model, eval_step, config, mesh, variables, intact: dict) -> dict:
   """ablation.unit_ablation on the test set (contributions on its first batch)."""
   contribution_step = compile_log.named("contribution_step", make_contribution_step(model, config))
-  first = first_eval_batch(config, mesh)
+  first, = first_eval_batches(config, mesh, 1)
   return ablation.unit_ablation(
       lambda v: evaluate(eval_step, v, config, mesh),
       lambda v: sharding.host_value(contribution_step(v, first)), variables, intact)
 
 
-def first_eval_batch(config, mesh):
-  return next(sharding.prefetch_to_mesh(
-      input_pipeline.eval_batches(config.data, global_batch_size=config.batch_size), mesh))
+def first_eval_batches(config, mesh, n: int) -> list:
+  return list(itertools.islice(sharding.prefetch_to_mesh(
+      input_pipeline.eval_batches(config.data, global_batch_size=config.batch_size), mesh), n))
 
 
-def check_batch(config, mesh):
-  """The fixed batch on which growth events measure the split-mode loss change
-  (config.growth.measure_split): the first eval batch, held aside from training."""
-  return first_eval_batch(config, mesh) if config.growth.measure_split else None
+def held_aside_batches(config, mesh) -> list | None:
+  """The fixed batches on which growth events measure the split-mode loss change and unit-only
+  training (growth_event.py): the first growth.held_aside_batches eval batches, never trained
+  on; None if the config measures neither."""
+  g = config.growth
+  if not (g.measure_split or g.unit_only_steps > 0):
+    return None
+  return first_eval_batches(config, mesh, g.held_aside_batches)
 
 
-def grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
+def batches_ahead(config) -> int:
+  """Training batches a growth event reads ahead: its probe, and unit-only training's."""
+  return max(config.growth.probe_batches, config.growth.unit_only_steps)
+
+
+def grow_and_recompile(config, model, tx, train_step, mesh, state, next_batches,
                        weights_left: list[float], num_classes: int, held_aside=None):
-  """A growth event (growth_event.grow_state; `held_aside`: its check_batch) and the train step
-  compiled for its result."""
-  state, event = growth_event.grow_state(config, model, tx, state, probe,
-                                         weights_left=weights_left, num_classes=num_classes, model_input=model_input(config),
-                                         check_batch=held_aside)
-  compiled = compile_train_step(train_step, mesh, state, probe[0])
+  """A growth event (growth_event.grow_state: `next_batches`, `held_aside` as it takes them) and
+  the train step compiled for its result."""
+  state, event = growth_event.grow_state(config, model, tx, state, next_batches,
+                                         weights_left=weights_left, num_classes=num_classes,
+                                         model_input=model_input(config),
+                                         peak_lr=peak_learning_rate(config), held_aside=held_aside)
+  compiled = compile_train_step(train_step, mesh, state, next_batches[0])
   event.record["seconds_compile"] = compiled.seconds
   return jax.device_put(state, compiled.shardings), compiled, event
 
@@ -300,7 +310,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
       config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step), mesh)
   first = next(batches)
   batches = itertools.chain([first], batches)
-  held_aside = check_batch(config, mesh)  # None unless growth.measure_split
+  held_aside = held_aside_batches(config, mesh)
   compiled = compile_train_step(train_step, mesh, state, first)
   writer = writers.create(workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
@@ -318,9 +328,9 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   for step in range(start_step, total_steps):
     if step in events[len(growth_log):]:  # a resumed run restored the earlier events grown
       with progress.timed("growth", wait_jax_async_dispatch=False):
-        probe = list(itertools.islice(batches, config.growth.probe_batches))
-        batches = itertools.chain(probe, batches)
-        state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, probe,
+        ahead = list(itertools.islice(batches, batches_ahead(config)))
+        batches = itertools.chain(ahead, batches)
+        state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, ahead,
                                                     weights[events.index(step):], info.num_classes,
                                                     held_aside)
         num_params = event.record["params_after"]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hetscale_jax import config_lib, growth_event, train
+from hetscale_jax import config_lib, datasets, growth_event, train
 from hetscale_jax.models import deit
 
 from conftest import CONFIG_DIR, load_config
@@ -149,6 +149,8 @@ def test_closed_form_param_count_matches_the_model(overrides):
     ("growth.budget_weights", "steps", "config.growth.budget_weights='steps'"),
     ("growth.split_check_scale", 0.0, "config.growth.split_check_scale=0.0"),
     ("growth.perturbation", -1e-3, "config.growth.perturbation=-0.001"),
+    ("growth.unit_only_steps", -1, "config.growth.unit_only_steps=-1"),
+    ("growth.held_aside_batches", 0, "config.growth.held_aside_batches=0"),
     ("data.repeated_augmentation", 0, "config.data.repeated_augmentation"),
 ])
 def test_bad_values_name_the_field(field, value, message):
@@ -170,6 +172,18 @@ def test_mesh_needs_are_checked_against_the_devices(batch_size, fsdp, message):
     config_lib.check_against_devices(config, 8)
   config.batch_size, config.mesh.fsdp = 64, 2
   config_lib.check_against_devices(config, 8)
+
+
+def test_held_aside_batches_must_fit_the_test_set():
+  config = load_config("study_mnist5k")  # batch 64, 1,000 test images: 15 batches fit
+  info = datasets.DatasetInfo("mnist5k", 10, (28, 28, 1), num_train=5000, num_eval=1000)
+  config.growth.held_aside_batches = 15
+  config_lib.check_against_data(config, info)
+  config.growth.held_aside_batches = 16
+  with pytest.raises(config_lib.ConfigError, match=re.escape(
+      "config.growth.held_aside_batches=16 is invalid: times batch_size must be at most the 1000 "
+      "mnist5k test images")):
+    config_lib.check_against_data(config, info)
 
 
 def test_split_mode_needs_gated_units_and_lr_weights_a_target():

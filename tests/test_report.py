@@ -31,6 +31,8 @@ def study(tmp_path_factory):
   config = tiny_config()
   config.growth.epochs = (1.0,)
   config.checkpoint_every_steps = 1000  # checkpoints: the growth event's and the last step's
+  config.growth.unit_only_steps = 3
+  config.growth.held_aside_batches = 2
   _, failed = replicate.run_study(config, workdir, seeds=1, jobs=1,
                                   variants=["splitting", "split", "noise_floor", "authors",
                                             "static_reduced"],
@@ -109,6 +111,29 @@ def test_study_pairs_the_split_and_noise_floor_variants_with_the_papers_text(stu
   np.testing.assert_allclose(losses["split"][first] - losses["splitting"][first],
                              check["probe"] * events["splitting"]["plan_params"], atol=1e-5)
   assert losses["split"][first] != losses["splitting"][first]
+
+
+def test_every_grown_variant_measures_unit_only_training_alike(study):
+  """Each grown variant's event trained its new units alone for growth.unit_only_steps steps:
+  the record's drop per parameter is its held-aside losses' difference over the parameters
+  the event added. Exact growth keeps the function, so before that training the held-aside
+  loss is the ungrown model's, the same for both exact rules (same base at the event); split
+  mode and the perturbation change it. The report tabulates it and compares it paired."""
+  events = {v: _summary(replicate.run_dir(study, v, 0))["growth_events"][0]
+            for v in ("splitting", "split", "noise_floor", "authors")}
+  for v, event in events.items():
+    measured = event["unit_only"]
+    assert measured["steps"] == 3 and np.isfinite(measured["loss_after"]), v
+    added = event["params_after"] - event["params_before"]
+    assert measured["drop_per_param"] == pytest.approx(
+        (measured["loss_before"] - measured["loss_after"]) / added, rel=1e-12), v
+  before = {v: e["unit_only"]["loss_before"] for v, e in events.items()}
+  assert before["authors"] == pytest.approx(before["splitting"], rel=1e-5)
+  assert before["split"] != pytest.approx(before["splitting"], rel=1e-5)
+  assert before["noise_floor"] != before["splitting"]
+  text = pathlib.Path(study, "replication.md").read_text()
+  assert "## Unit-only training" in text
+  assert "| unit_only/1 | authors - splitting | 1 |" in text
 
 
 def test_the_unit_scale_sweep_names_every_gated_exact_variant_once_per_scale():
