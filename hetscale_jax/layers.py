@@ -325,23 +325,31 @@ def _projections(pack: UnitPack, dtype) -> tuple[jax.Array, jax.Array]:
 def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gelu"):
   """Applies the packs to y [..., d_out] (linear units, then gated ones by depth); x [..., d_in]
   is the layer's input. One matmul on x per kind (x~ = [x, 1] is never built: the offsets are
-  added); masked slots add exactly 0 and get no gradient. Never a loop over neurons."""
+  added); masked slots add exactly 0 and get no gradient. Never a loop over neurons.
+
+  The work runs neuron-major, [d_out, tokens]: each gather and scatter then moves whole rows
+  of tokens, where along the last axis every element is its own scatter index (on CPU those
+  cost more than the units' arithmetic; BENCHMARKS.md)."""
+  lead, d_out = y.shape[:-1], y.shape[-1]
+  yt = y.reshape(-1, d_out).T
+  xt = x.reshape(-1, x.shape[-1]).T
   for kind in UNIT_KINDS:
     if kind not in packs:
       continue
     pack = packs[kind]
     weights, offsets = _projections(pack, y.dtype)
-    p = jnp.einsum("...i,ni->...n", x, weights) + offsets
+    p = weights @ xt + offsets[:, None]
     if kind == "linear":
-      y = y.at[..., pack.index].add(jnp.where(pack.live, linear_unit(p, activation), 0))
+      yt = yt.at[pack.index].add(jnp.where(pack.live[:, None], linear_unit(p, activation), 0))
       continue
-    gain = pack.params["a"].astype(y.dtype)
+    gain = pack.params["a"].astype(y.dtype)[:, None]
 
-    def add_depth(y, at_depth):
-      z = jnp.take(y, pack.index, axis=-1)
-      return y.at[..., pack.index].add(jnp.where(at_depth, gain * skip_unit(z, p, activation), 0)), None
-    y, _ = lax.scan(add_depth, y, pack.at_depth)
-  return y
+    def add_depth(yt, at_depth):
+      z = yt[pack.index]
+      contribution = jnp.where(at_depth[:, None], gain * skip_unit(z, p, activation), 0)
+      return yt.at[pack.index].add(contribution), None
+    yt, _ = lax.scan(add_depth, yt, pack.at_depth)
+  return yt.T.reshape(lead + (d_out,))
 
 
 class GrowableDense(nn.Module):
