@@ -17,7 +17,8 @@ Pairing: for each seed every variant starts from the same initial parameters whe
 allow (the grown variants and static_reduced), sees the same batches, and the grown variants
 grow at the same steps; they differ only in their growth mechanism. Every variant logs its
 training loss at every step, and every rule's growth events also measure the split-mode loss
-change on a held-aside batch (growth_event.split_check). The evidence and its report:
+change on held-aside batches (growth_event.split_check), and unit-only training where the
+config asks for it (growth.unit_only_steps). The evidence and its report:
 hetscale_jax.evidence.
 
 --quick halves training (half the epochs, growth events at the same fractions of training,
@@ -26,7 +27,8 @@ one evaluation at the end). Each run trains in a worker process in its own workd
 train.log); a run whose summary.json exists is not run again and an interrupted one resumes
 from its checkpoint, so a stopped replication goes on where it was, seeds, variants and unit
 scales can be added, and running the command again over finished runs only renders the
-report. All runs share one persistent XLA cache in <workdir>/xla_cache. The report goes to
+report. --report_only renders the report of the runs finished so far and trains nothing (a
+look at a study still running in another process). All runs share one persistent XLA cache in <workdir>/xla_cache. The report goes to
 <workdir>/replication.md (and stdout), its figures to <workdir>/loss_around_events.png and
 <workdir>/forest.png.
 """
@@ -66,6 +68,8 @@ _UNIT_SCALES = flags.DEFINE_list(
     "growth.unit_scale values (none: the config's).")
 flags.register_validator("unit_scales", lambda texts: all(map(config_lib.is_positive_number, texts)),
                          "--unit_scales: give numbers > 0, e.g. 0.1,0.3,1")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: the report of the runs finished so far.")
 _POST_EVENT_STEPS = flags.DEFINE_integer(
     "post_event_steps", 50, "K: the training steps after each growth event whose mean loss "
     "the rules are compared on.")
@@ -177,12 +181,14 @@ def run_all(configs: dict, jobs: int) -> dict:
 
 # ---------------------------------------------------------------------------- report
 
-def settings(base, seeds: int, jobs: int, wall_seconds: float) -> list[str]:
+def settings(base, seeds: int, jobs: int, wall_seconds: float | None) -> list[str]:
+  """The report's opening lines; wall_seconds None: this call trained nothing."""
   g = base.growth
+  wall = "" if wall_seconds is None else f", {wall_seconds / 60:.0f} min in all"
   return [
       f"Date {datetime.date.today().isoformat()}; {platform.node()}, {os.cpu_count()} CPU "
       f"cores, {jax.devices()[0].platform}; python {platform.python_version()}, jax "
-      f"{jax.__version__}; {jobs} run(s) at a time, {wall_seconds / 60:.0f} min in all.",
+      f"{jax.__version__}; {jobs} run(s) at a time{wall}.",
       f"Config: DeiT-{base.model.variant} width {base.model.width}, depth {base.model.depth}, "
       f"{base.model.num_heads} heads, reduced head_dim {base.model.head_dim} / mlp_dim "
       f"{base.model.mlp_dim}, patch {base.model.patch_size}, on {base.data.name}; "
@@ -208,9 +214,10 @@ def study_measures(configs: dict, summaries: dict, event_steps: list[int],
 
 
 def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
-              post_event_steps: int) -> tuple[str, int]:
-  """Trains what is missing of every (variant, seed) and writes the report (of the runs that
-  finished); returns its text and the number of failed runs."""
+              post_event_steps: int, report_only: bool = False) -> tuple[str, int]:
+  """Trains what is missing of every (variant, seed) (report_only: nothing) and writes the
+  report of the runs that finished; returns its text and the number of failed runs (none when
+  report_only)."""
   base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
   info = input_pipeline.dataset_info(base.data)
   sizes = train.model_sizes(base, info)
@@ -218,20 +225,25 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
   configs = {(v, s): (variant_config(base, v, s, sizes), run_dir(workdir, v, s))
              for s in range(seeds) for v in variants}
   start = time.perf_counter()
-  summaries = run_all(configs, jobs)
+  summaries = ({key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
+               if report_only else run_all(configs, jobs))
   growth_config = base.copy_and_resolve_references()
   growth_config.growth.enabled = True
   event_steps = growth_event.event_steps(
       growth_config, datasets.steps_per_epoch(info, base.batch_size))
   measures, losses = study_measures(configs, summaries, event_steps, post_event_steps)
-  lines = ["# Replication", ""] + settings(base, seeds, jobs, time.perf_counter() - start)
+  finished = sum(s is not None for s in summaries.values())
+  lines = ["# Replication", ""]
+  if report_only:
+    lines += [f"**{finished} of {len(configs)} runs finished: a report of a study in progress.**", ""]
+  lines += settings(base, seeds, jobs, None if report_only else time.perf_counter() - start)
   lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).", ""]
   lines += evidence.study_report(measures, losses, variants, seeds, event_steps, post_event_steps,
                                  workdir)
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "replication.md"), "w") as f:
     f.write(text)
-  return text, sum(s is None for s in summaries.values())
+  return text, 0 if report_only else len(summaries) - finished
 
 
 def main(argv):
@@ -246,7 +258,8 @@ def main(argv):
   variants = sweep_unit_scales([v for v in VARIANTS if v in _VARIANTS.value],
                                [float(s) for s in _UNIT_SCALES.value], base.growth.unit_scale)
   text, failed = run_study(base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value,
-                           variants=variants, post_event_steps=_POST_EVENT_STEPS.value)
+                           variants=variants, post_event_steps=_POST_EVENT_STEPS.value,
+                           report_only=_REPORT_ONLY.value)
   print("\n" + text)
   if failed:
     sys.exit(f"{failed} run(s) failed; their train.log says why")

@@ -28,17 +28,33 @@ def study(tmp_path_factory):
   spectrum's compilation dominates a tiny run, and the variants of the paper's text reuse it
   from the study's cache). Returns its workdir."""
   workdir = str(tmp_path_factory.mktemp("study"))
+  _, failed = replicate.run_study(study_config(), workdir, seeds=1, jobs=1,
+                                  variants=STUDY_VARIANTS, post_event_steps=5)
+  assert failed == 0
+  return workdir
+
+
+STUDY_VARIANTS = ["splitting", "split", "noise_floor", "authors", "static_reduced"]
+
+
+def study_config():
   config = tiny_config()
   config.growth.epochs = (1.0,)
   config.checkpoint_every_steps = 1000  # checkpoints: the growth event's and the last step's
   config.growth.unit_only_steps = 3
   config.growth.held_aside_batches = 2
-  _, failed = replicate.run_study(config, workdir, seeds=1, jobs=1,
-                                  variants=["splitting", "split", "noise_floor", "authors",
-                                            "static_reduced"],
-                                  post_event_steps=5)
+  return config
+
+
+def test_report_only_renders_the_finished_runs_and_trains_nothing(study):
+  """A second seed asked for but not trained: the report says how many runs finished, and
+  no run directory of the second seed appears."""
+  text, failed = replicate.run_study(study_config(), study, seeds=2, jobs=1,
+                                     variants=STUDY_VARIANTS, post_event_steps=5, report_only=True)
   assert failed == 0
-  return workdir
+  assert "**5 of 10 runs finished: a report of a study in progress.**" in text
+  assert "| top1 | authors - splitting | 1 |" in text
+  assert not any(os.path.exists(replicate.run_dir(study, v, 1)) for v in STUDY_VARIANTS)
 
 
 @pytest.fixture(scope="module")
