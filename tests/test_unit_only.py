@@ -37,6 +37,11 @@ def grown():
   return problem, *two_events(problem)
 
 
+def four_batches(problem, first_seed=0):
+  """As many batches in every test: the compiled training steps are shared."""
+  return [problem.make_batch(seed) for seed in range(first_seed, first_seed + 4)]
+
+
 def test_new_slots_are_the_slots_this_event_filled(grown):
   _, before, after = grown
   slots = {k: np.asarray(v) for k, v in unit_only.new_slots(before, after).items()}
@@ -50,7 +55,7 @@ def test_new_slots_are_the_slots_this_event_filled(grown):
 def test_unit_only_training_moves_the_new_slots_alone(grown):
   problem, before, after = grown
   trainable = unit_only.new_slots(before, after)
-  batches = [problem.make_batch(seed) for seed in range(12)]
+  batches = four_batches(problem)
   trained = unit_only.train(problem.loss_fn, after, trainable, batches, learning_rate=1e-2)
 
   old, new = flat(after["params"]), flat(trained["params"])
@@ -71,7 +76,7 @@ def test_unit_only_training_moves_the_new_slots_alone(grown):
 
 def test_measure_reports_the_held_out_drop_per_added_parameter(grown):
   problem, before, after = grown
-  batches, held_out = [problem.make_batch(s) for s in range(4)], [problem.make_batch(s) for s in (20, 21)]
+  batches, held_out = four_batches(problem), four_batches(problem, first_seed=20)
   result = unit_only.measure(problem.loss_fn, before, after, batches, held_out, 1e-2, num_params=100)
   trained = unit_only.train(problem.loss_fn, after, unit_only.new_slots(before, after), batches, 1e-2)
   held_out_loss = lambda v: np.mean([float(problem.loss_fn(v, b)) for b in held_out])
@@ -86,6 +91,6 @@ def test_an_event_that_adds_nothing_trains_nothing(grown):
   problem, _, after = grown
   nothing = unit_only.new_slots(after, after)
   assert not any(np.asarray(m).any() for m in nothing.values())
-  trained = unit_only.train(problem.loss_fn, after, nothing, [problem.batch], learning_rate=1.0)
+  trained = unit_only.train(problem.loss_fn, after, nothing, four_batches(problem), learning_rate=1.0)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                trained, after)
