@@ -299,8 +299,8 @@ def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps
               "The chosen neurons grown as gated units in split mode at growth.split_check_scale "
               "eps, each gain downhill. split_predicted: the second-order prediction, the sum of "
               "-1/2 eps^2 |r^T S r| over the chosen units (on the probe); split_probe: measured on "
-              "the probe; split_check: measured on the held-aside check batch (the first test "
-              "batch).", ""]
+              "the probe; split_check: measured on the held-aside batches (the first "
+              "growth.held_aside_batches test batches).", ""]
     lines += summary_table(measures, grown, per_event("split_predicted", "split_probe",
                                                       "split_check"))
   if any(name in m for m in measures.values() for name in per_event("unit_only")):
