@@ -3,7 +3,8 @@
     steps = event_steps(config, steps_per_epoch)
     weights = train.event_weights(config, lr_schedule, steps)   # budget_weights of each event
     state, event = grow_state(config, model, tx, state, next_batches, weights_left=weights[i:],
-                              num_classes=10, model_input=...)
+                              num_classes=10, model_input=...,
+                              peak_lr=train.peak_learning_rate(config))
     print(describe(event.record))
 
 The probe is the next growth.probe_batches training batches (no extra data), scored with the
@@ -126,7 +127,7 @@ def perturb(params, relative_size: float, rng: jax.Array):
 
 
 def grow_state(config, model, tx, state, next_batches: list, *, weights_left: list[float],
-               num_classes: int, model_input: Callable, peak_lr: float = 0.0,
+               num_classes: int, model_input: Callable, peak_lr: float,
                held_aside: list | None = None):
   """`state` grown at its step by config.growth, scored on the probe (the first
   growth.probe_batches of `next_batches`, the training batches the run sees next); weights_left

@@ -94,7 +94,8 @@ def run_scenario(data: int, fsdp: int) -> dict:
   config.growth.budget_per_event = 400
   grown, event = growth_event.grow_state(config, model, tx, state, batches[1:], weights_left=[1.0],
                                          num_classes=info.num_classes,
-                                         model_input=train.model_input(config))
+                                         model_input=train.model_input(config),
+                                         peak_lr=train.peak_learning_rate(config))
   spectrum, plan = event.spectrum, event.plan
   out["eigvals"] = {p: np.asarray(s.eigvals) for p, s in spectrum.items()}
   out["plan"] = {p: i.tolist() for p, i in plan.indices.items()}
