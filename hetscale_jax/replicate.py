@@ -4,7 +4,7 @@ r"""Replication: growth rules and static models, paired over seeds, with the stu
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py \
         --workdir workdirs/study --jobs 2                                          # the study
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py:late \
-        --workdir workdirs/study_late --jobs 2                       # its events later in training
+        --workdir workdirs/study_late --static_workdir workdirs/study --jobs 2   # events later
     python -m hetscale_jax.replicate ... --unit_scales 0.1,0.3,1                    # the sweep
     python -m hetscale_jax.replicate ... --quick                                    # smoke run
 
@@ -28,17 +28,23 @@ train.log); a run whose summary.json exists is not run again and an interrupted 
 from its checkpoint, so a stopped replication goes on where it was, seeds, variants and unit
 scales can be added, and running the command again over finished runs only renders the
 report. --report_only renders the report of the runs finished so far and trains nothing (a
-look at a study still running in another process). All runs share one persistent XLA cache in <workdir>/xla_cache. The report goes to
+look at a study still running in another process). --static_workdir puts the static variants'
+runs in another study's workdir: they do not grow, so two studies that differ only in when
+they grow share them (workdir.config_differences accepts them). Every run directory that
+holds a config is checked against its run's config before any training. All runs share one
+persistent XLA cache in <workdir>/xla_cache. The report goes to
 <workdir>/replication.md (and stdout), its figures to <workdir>/loss_around_events.png and
 <workdir>/forest.png.
 """
 
-from concurrent import futures
 import contextlib
 import datetime
+import json
 import multiprocessing
+from multiprocessing import connection
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -68,6 +74,9 @@ _UNIT_SCALES = flags.DEFINE_list(
     "growth.unit_scale values (none: the config's).")
 flags.register_validator("unit_scales", lambda texts: all(map(config_lib.is_positive_number, texts)),
                          "--unit_scales: give numbers > 0, e.g. 0.1,0.3,1")
+_STATIC_WORKDIR = flags.DEFINE_string(
+    "static_workdir", None, "Where the static variants' runs are (default: --workdir): another "
+    "study's workdir, of the same config but for when it grows, shares its static runs.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Train nothing: the report of the runs finished so far.")
 _POST_EVENT_STEPS = flags.DEFINE_integer(
@@ -116,21 +125,29 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
   return os.path.join(workdir, variant, f"seed{seed}")
 
 
-def train_one(config, workdir: str) -> dict:
-  """One run in this (worker) process, its output in workdir/train.log."""
+def check_run_dirs(configs: dict) -> None:
+  """WorkdirError, before any training, if a run directory holds another config's run."""
+  for config, directory in configs.values():
+    stored = os.path.join(directory, workdir_lib.CONFIG_FILE)
+    if os.path.exists(stored):
+      with open(stored) as f:
+        workdir_lib.refuse_other_config(f"run {directory}", json.load(f),
+                                        workdir_lib.config_dict(config))
+
+
+def train_one(config, workdir: str) -> None:
+  """One run in this (worker) process, its output in workdir/train.log and, once it finished,
+  its summary.json (SIGTERM: a checkpoint instead)."""
   # tf.data only: a full TensorFlow install would otherwise reserve the GPUs' memory.
   tf.config.set_visible_devices([], "GPU")
   # Claimed before train.log goes into it: training refuses a workdir with files but no run.
   workdir_lib.claim(workdir, config)
   with output_to(os.path.join(workdir, "train.log")):
     try:
-      summary = train.train_and_evaluate(config, workdir)
+      train.train_and_evaluate(config, workdir)
     except Exception:
       traceback.print_exc()  # into train.log; the parent reports the failure and goes on
       raise
-  if summary is None:
-    raise RuntimeError("stopped early (SIGTERM); run the replication again to resume it")
-  return summary
 
 
 @contextlib.contextmanager
@@ -153,29 +170,64 @@ def output_to(path: str):
         os.close(copy)
 
 
+def in_processes(tasks: dict, jobs: int):
+  """Runs each task, key -> (function, args), in a process of its own, at most `jobs` at a
+  time; yields (key, exit code) as they end. SIGTERM to this process starts no further task
+  and passes SIGTERM on to the running ones (a training run then saves a checkpoint and stops:
+  the same command resumes it)."""
+  # Fresh interpreters (not fork): JAX's threads do not survive a fork. One run per process: a
+  # process that keeps its compiled executables across runs accumulates them until compiling
+  # runs out of memory.
+  context = multiprocessing.get_context("spawn")
+  waiting, running, stopping = list(tasks), {}, []
+
+  def stop(signum, frame):
+    del signum, frame
+    stopping.append(True)
+    print("SIGTERM: no new run starts; the running ones save a checkpoint and stop. Run the "
+          "same command to resume.", flush=True)
+    for process in running.values():
+      process.terminate()
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    while running or (waiting and not stopping):
+      while waiting and len(running) < jobs and not stopping:
+        key = waiting.pop(0)
+        function, args = tasks[key]
+        process = context.Process(target=function, args=args)
+        process.start()
+        running[key] = process
+        if stopping:  # SIGTERM came before the process was in `running`
+          process.terminate()
+      connection.wait([p.sentinel for p in running.values()])
+      for key in [k for k, p in running.items() if not p.is_alive()]:
+        process = running.pop(key)
+        process.join()
+        yield key, process.exitcode
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def run_all(configs: dict, jobs: int) -> dict:
   """Trains every (variant, seed) -> (config, workdir) lacking a summary; returns the
-  summaries by (variant, seed), None for a failed run."""
+  summaries by (variant, seed), None for a run that failed or stopped."""
   summaries = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
-  todo = [key for key, s in summaries.items() if s is None]
+  todo = {key: (train_one, configs[key]) for key, s in summaries.items() if s is None}
   print(f"{len(configs) - len(todo)} runs already done, {len(todo)} to train with {jobs} "
         "worker process(es)", flush=True)
-  # Fresh interpreters (not fork): JAX's threads do not survive a fork.
-  context = multiprocessing.get_context("spawn")
   start = time.perf_counter()
-  # One run per worker process: a worker that keeps its compiled executables across runs
-  # accumulates them until compiling runs out of memory.
-  with futures.ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
-    running = {pool.submit(train_one, *configs[key]): key for key in todo}
-    for done, future in enumerate(futures.as_completed(running), 1):
-      variant, seed = key = running[future]
-      try:
-        s = summaries[key] = future.result()
-        result = f"top-1 {s['eval']['top1']:.2%}, {s['params']:,} params"
-      except Exception as e:  # pylint: disable=broad-except  (one failed run: keep the others)
-        result = f"FAILED ({type(e).__name__}: {e}; see {configs[key][1]}/train.log)"
-      print(f"[{done}/{len(todo)}, {report.format_minutes(time.perf_counter() - start)}] "
-            f"{variant} seed {seed}: {result}", flush=True)
+  for done, (key, exit_code) in enumerate(in_processes(todo, jobs), 1):
+    directory = configs[key][1]
+    s = summaries[key] = workdir_lib.read_summary(directory)
+    if s is not None:
+      result = f"top-1 {s['eval']['top1']:.2%}, {s['params']:,} params"
+    elif exit_code == 0 or exit_code == -signal.SIGTERM:
+      result = "stopped (SIGTERM): the same command resumes it from its checkpoint"
+    else:
+      result = f"FAILED (exit code {exit_code}; {directory}/train.log says why)"
+    print(f"[{done}/{len(todo)}, {report.format_minutes(time.perf_counter() - start)}] "
+          f"{key[0]} seed {key[1]}: {result}", flush=True)
   return summaries
 
 
@@ -213,17 +265,20 @@ def study_measures(configs: dict, summaries: dict, event_steps: list[int],
   return measures, losses
 
 
-def run_study(base, workdir: str, *, seeds: int, jobs: int, variants,
-              post_event_steps: int, report_only: bool = False) -> tuple[str, int]:
+def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event_steps: int,
+              report_only: bool = False, static_workdir: str | None = None) -> tuple[str, int]:
   """Trains what is missing of every (variant, seed) (report_only: nothing) and writes the
   report of the runs that finished; returns its text and the number of failed runs (none when
-  report_only)."""
+  report_only). The static variants' runs are in `static_workdir` (default: `workdir`)."""
   base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
   info = input_pipeline.dataset_info(base.data)
   sizes = train.model_sizes(base, info)
   # Seed by seed: a replication stopped early has about as many seeds of every variant.
-  configs = {(v, s): (variant_config(base, v, s, sizes), run_dir(workdir, v, s))
+  home = lambda v: (static_workdir or workdir) if v in config_lib.STATIC_VARIANTS else workdir
+  configs = {(v, s): (variant_config(base, v, s, sizes), run_dir(home(v), v, s))
              for s in range(seeds) for v in variants}
+  check_run_dirs(configs)
+  os.makedirs(workdir, exist_ok=True)  # the report's, even where every run is elsewhere
   start = time.perf_counter()
   summaries = ({key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
                if report_only else run_all(configs, jobs))
@@ -259,10 +314,11 @@ def main(argv):
                                [float(s) for s in _UNIT_SCALES.value], base.growth.unit_scale)
   text, failed = run_study(base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value,
                            variants=variants, post_event_steps=_POST_EVENT_STEPS.value,
-                           report_only=_REPORT_ONLY.value)
+                           report_only=_REPORT_ONLY.value, static_workdir=_STATIC_WORKDIR.value)
   print("\n" + text)
   if failed:
-    sys.exit(f"{failed} run(s) failed; their train.log says why")
+    sys.exit(f"{failed} run(s) failed or were stopped: the lines above say which, a failed "
+             "run's train.log says why, and the same command resumes")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 Layout:
 
   config.json           the run's config, written when the workdir is claimed. A later run on
-                        this workdir must have the same config, RESUMABLE_FIELDS aside.
+                        this workdir must have the same config, RESUMABLE_FIELDS aside
+                        (and the growth fields, where neither grows).
   summary.json          the final summary (train.write_summary): present once the run finished
   metrics.jsonl         one JSON record per log step, evaluation and growth event (writers)
   tensorboard/          the same scalars for TensorBoard (writers)
@@ -52,12 +53,17 @@ def config_dict(config) -> dict:
 
 
 def config_differences(stored: dict, current: dict) -> list[str]:
-  """'field: stored -> current' for every field that differs, RESUMABLE_FIELDS aside."""
+  """'field: stored -> current' for every field that differs, RESUMABLE_FIELDS aside, and the
+  growth fields aside when neither config grows."""
   old, new = (traverse_util.flatten_dict(c, sep=".") for c in (stored, current))
   missing = "(absent)"
+  # A run that does not grow computes nothing from its other growth fields, so studies that
+  # differ only in when they grow share their static runs (replicate --static_workdir).
+  ignored = lambda k: k in RESUMABLE_FIELDS or (
+      k.startswith("growth.") and not old.get("growth.enabled") and not new.get("growth.enabled"))
   return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
           for k in sorted(old.keys() | new.keys())
-          if k not in RESUMABLE_FIELDS and old.get(k, missing) != new.get(k, missing)]
+          if not ignored(k) and old.get(k, missing) != new.get(k, missing)]
 
 
 def refuse_other_config(where: str, stored: dict, current: dict) -> None:

@@ -417,3 +417,18 @@ def test_export_writes_variables_spec_and_summary_that_research_code_can_load(
 
   with pytest.raises(SystemExit, match="exists; nothing was overwritten"):
     export.main(["--workdir", ref_dir, "--out", out])
+
+
+def test_configs_that_do_not_grow_differ_in_no_growth_field():
+  """A run without growth computes nothing from its growth fields: another such config may
+  resume it (and a study sharing its static runs read it); once either grows, they count."""
+  static, later = tiny_config(), tiny_config()
+  static.growth.enabled = later.growth.enabled = False
+  later.growth.epochs = (1.0, 1.5)
+  later.growth.unit_only_steps = 7
+  differences = lambda a, b: workdir_lib.config_differences(
+      workdir_lib.config_dict(a), workdir_lib.config_dict(b))
+  assert differences(static, later) == []
+  later.model.mlp_dim = 24
+  assert differences(static, later) == ["model.mlp_dim: 16 -> 24"]
+  assert differences(static, tiny_config()) == ["growth.enabled: False -> True"]

@@ -4,6 +4,9 @@ import json
 import os
 import pathlib
 import re
+import signal
+import threading
+import time
 
 from flax import traverse_util
 import jax
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 from hetscale_jax import evidence, grow, layers, plots, replicate, report, spec
+from hetscale_jax import workdir as workdir_lib
 from hetscale_jax.layers import GROWTH_COLLECTION
 from hetscale_jax.splitting import random_spectrum
 
@@ -55,6 +59,40 @@ def test_report_only_renders_the_finished_runs_and_trains_nothing(study):
   assert "**5 of 10 runs finished: a report of a study in progress.**" in text
   assert "| top1 | authors - splitting | 1 |" in text
   assert not any(os.path.exists(replicate.run_dir(study, v, 1)) for v in STUDY_VARIANTS)
+
+
+def test_a_study_that_grows_later_reads_the_static_runs_of_another(study, tmp_path):
+  """--static_workdir: the static runs of a study that differs only in when it grows are read,
+  not trained again; a static run of another config is refused before any work."""
+  later = study_config()
+  later.growth.epochs = (1.5,)
+  workdir = str(tmp_path / "later")
+  text, failed = replicate.run_study(later, workdir, seeds=1, jobs=1, variants=["static_reduced"],
+                                     post_event_steps=5, static_workdir=study)
+  assert failed == 0
+  assert not os.path.exists(os.path.join(workdir, "static_reduced"))
+  assert "| static_reduced | 1/1 |" in text  # the final results' row: the run was found
+  other = study_config()
+  other.model.mlp_dim = 24
+  with pytest.raises(workdir_lib.WorkdirError, match=r"another config .*model.mlp_dim: 16 -> 24"):
+    replicate.run_study(other, str(tmp_path / "other"), seeds=1, jobs=1,
+                        variants=["static_reduced"], post_event_steps=5, static_workdir=study)
+  assert not os.path.exists(tmp_path / "other")
+
+
+def test_sigterm_starts_no_new_run_and_passes_on_to_the_running_ones():
+  """What stopping a study does: the running task gets SIGTERM (here it dies of it; a training
+  run saves a checkpoint and stops), the waiting one never starts, and the handler before is
+  back."""
+  before = signal.getsignal(signal.SIGTERM)
+  tasks = {("running", 0): (time.sleep, (120,)), ("waiting", 0): (time.sleep, (120,))}
+  ended = []
+  # The handler is in place from the first task's start on, well before this fires.
+  threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+  for key, exit_code in replicate.in_processes(tasks, jobs=1):
+    ended.append((key, exit_code))
+  assert ended == [(("running", 0), -signal.SIGTERM)]
+  assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.fixture(scope="module")
