@@ -289,7 +289,7 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   measures, losses = study_measures(configs, summaries, event_steps, post_event_steps)
   finished = sum(s is not None for s in summaries.values())
   lines = ["# Replication", ""]
-  if report_only:
+  if finished < len(configs):
     lines += [f"**{finished} of {len(configs)} runs finished: a report of a study in progress.**", ""]
   lines += settings(base, seeds, jobs, None if report_only else time.perf_counter() - start)
   lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).", ""]

@@ -72,6 +72,7 @@ def test_a_study_that_grows_later_reads_the_static_runs_of_another(study, tmp_pa
   assert failed == 0
   assert not os.path.exists(os.path.join(workdir, "static_reduced"))
   assert "| static_reduced | 1/1 |" in text  # the final results' row: the run was found
+  assert "runs finished" not in text  # every run asked for is there: not a study in progress
   other = study_config()
   other.model.mlp_dim = 24
   with pytest.raises(workdir_lib.WorkdirError, match=r"another config .*model.mlp_dim: 16 -> 24"):
