@@ -39,7 +39,6 @@ persistent XLA cache in <workdir>/xla_cache. The report goes to
 
 import contextlib
 import datetime
-import json
 import multiprocessing
 from multiprocessing import connection
 import os
@@ -128,11 +127,8 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
 def check_run_dirs(configs: dict) -> None:
   """WorkdirError, before any training, if a run directory holds another config's run."""
   for config, directory in configs.values():
-    stored = os.path.join(directory, workdir_lib.CONFIG_FILE)
-    if os.path.exists(stored):
-      with open(stored) as f:
-        workdir_lib.refuse_other_config(f"run {directory}", json.load(f),
-                                        workdir_lib.config_dict(config))
+    if (stored := workdir_lib.stored_config(directory)) is not None:
+      workdir_lib.refuse_other_config(f"run {directory}", stored, workdir_lib.config_dict(config))
 
 
 def train_one(config, workdir: str) -> None:
@@ -222,7 +218,7 @@ def run_all(configs: dict, jobs: int) -> dict:
     s = summaries[key] = workdir_lib.read_summary(directory)
     if s is not None:
       result = f"top-1 {s['eval']['top1']:.2%}, {s['params']:,} params"
-    elif exit_code == 0 or exit_code == -signal.SIGTERM:
+    elif exit_code in (0, -signal.SIGTERM):
       result = "stopped (SIGTERM): the same command resumes it from its checkpoint"
     else:
       result = f"FAILED (exit code {exit_code}; {directory}/train.log says why)"

@@ -59,8 +59,8 @@ def config_differences(stored: dict, current: dict) -> list[str]:
   missing = "(absent)"
   # A run that does not grow computes nothing from its other growth fields, so studies that
   # differ only in when they grow share their static runs (replicate --static_workdir).
-  ignored = lambda k: k in RESUMABLE_FIELDS or (
-      k.startswith("growth.") and not old.get("growth.enabled") and not new.get("growth.enabled"))
+  neither_grows = not old.get("growth.enabled") and not new.get("growth.enabled")
+  ignored = lambda k: k in RESUMABLE_FIELDS or (neither_grows and k.startswith("growth."))
   return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
           for k in sorted(old.keys() | new.keys())
           if not ignored(k) and old.get(k, missing) != new.get(k, missing)]
@@ -88,6 +88,18 @@ def _require_local_directory(workdir: str) -> None:
                        "Choose a new or empty --workdir.")
 
 
+def stored_config(workdir: str) -> dict | None:
+  """The config.json of the run in `workdir`, None if it holds none (WorkdirError if it is not
+  readable)."""
+  marker = epath.Path(workdir) / CONFIG_FILE
+  if not marker.exists():
+    return None
+  try:
+    return json.loads(marker.read_text())
+  except ValueError as e:
+    raise WorkdirError(f"{marker} is not a readable config ({e}); nothing was changed") from None
+
+
 def claim(workdir: str, config) -> None:
   """Makes `workdir` this run's: fine if new, empty or holding a run of the same config.
 
@@ -99,11 +111,7 @@ def claim(workdir: str, config) -> None:
   path = epath.Path(workdir)
   marker = path / CONFIG_FILE
   current = config_dict(config)
-  if marker.exists():
-    try:
-      stored = json.loads(marker.read_text())
-    except ValueError as e:
-      raise WorkdirError(f"{marker} is not a readable config ({e}); nothing was changed") from None
+  if (stored := stored_config(workdir)) is not None:
     refuse_other_config(f"workdir {workdir}", stored, current)
     return
   # A claim killed before its rename leaves only the temporary file: still an unclaimed workdir.
