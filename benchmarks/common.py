@@ -89,11 +89,25 @@ def random_spectrum(variables, layer_kinds, seed: int) -> dict:
 
 
 def grow_state(trainer: Trainer, state, plan, spectrum, reserve_events: int = 0):
-  """state with the plan's units added (packs sized for `reserve_events` more events) and its
-  optimizer state migrated, as train.py does."""
+  """state with the plan's units added (packs sized for `reserve_events` more events, unless
+  the state holds slots already) and its optimizer state migrated, as train.py does."""
   variables = grow.grow(state.variables, plan, spectrum, mode="exact", reserve_events=reserve_events)
   opt_state = grow.migrate_opt_state(trainer.tx, state.opt_state, variables["params"])
   return state.replace(params=variables["params"], growth=variables["growth"], opt_state=opt_state)
+
+
+def with_variables(trainer: Trainer, state, variables):
+  """state with `variables` (params and growth) and a fresh optimizer state for them."""
+  return state.replace(params=variables["params"], growth=variables.get("growth", {}),
+                       opt_state=trainer.tx.init(variables["params"]))
+
+
+def without_slots(config):
+  """The config with unit slots sized at growth events (growth.slots "events"): its model starts
+  as plain GrowableDense layers, whatever the config's own policy."""
+  config = config.copy_and_resolve_references()
+  config.growth.slots = "events"
+  return config
 
 
 def seconds_per_step(compiled, state, batch, steps: int):

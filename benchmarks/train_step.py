@@ -3,13 +3,21 @@ r"""Train-step time: what GrowableDense and grown units cost, as ratios measured
   python benchmarks/train_step.py [--config configs/default.py] [--steps 20] [--rounds 7]
   python benchmarks/train_step.py --config configs/deit_s_cifar100.py --config.batch_size=8 \
       --config.model.dtype=float32 --steps 2 --rounds 3     # DeiT-S shapes, CPU-sized batch
+  python benchmarks/train_step.py --reserve_events 2        # after the 1st of 3 events
+  python benchmarks/train_step.py --schedule_slots          # ... with growth.slots "schedule"
+  python benchmarks/train_step.py --config configs/study_mnist5k.py \
+      --grown_from workdirs/study/splitting/seed0            # a trained run's grown model
 
 Four models of the config, each trained with train.py's own step (AdamW, mixing, drop-path
 as configured) on one fixed synthetic batch, compiled as training compiles them:
 
   dense      the DeiT with every GrowableDense replaced by flax's nn.Dense
   growable   the DeiT as the project builds it, from GrowableDense, no units
-  grown      growable with one unit on 10% of the neurons of every qkv, proj, fc1 and fc2
+  grown      growable with one unit on 10% of the neurons of every qkv, proj, fc1 and fc2, its
+             packs holding room for --reserve_events more events as training gives them
+             (growth.slots "events"), or with --schedule_slots the slots of all the config's
+             events (growth.slots "schedule"); or, with --grown_from, the units and
+             parameters of a run's latest checkpoint
   static     growable with its MLP widened to the grown model's parameter count
 
 Ratios (targets): growable / dense (<= 1.03), grown / static (<= 1.15). The models are timed in
@@ -28,7 +36,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import common
-from hetscale_jax import grow, spec, train
+from hetscale_jax import checkpoint, grow, growth_event, spec, train
 from hetscale_jax.layers import GrowableDense
 from hetscale_jax.models import deit
 
@@ -39,6 +47,12 @@ config_flags.DEFINE_config_file(
 _STEPS = flags.DEFINE_integer("steps", 20, "Steps per model per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Timed rounds.")
 _GROWN_FRACTION = flags.DEFINE_float("grown_fraction", 0.1, "Share of neurons given a unit.")
+_RESERVE_EVENTS = flags.DEFINE_integer(
+    "reserve_events", 0, "Events still to come, whose slots and depths the grown packs hold.")
+_SCHEDULE_SLOTS = flags.DEFINE_bool(
+    "schedule_slots", False, "The grown model holds the slots of the config's whole schedule.")
+_GROWN_FROM = flags.DEFINE_string(
+    "grown_from", None, "A workdir of --config: its latest checkpoint is the grown model.")
 
 
 class PlainDense(nn.Dense):
@@ -82,7 +96,7 @@ def widened_mlp(config, info, target: int) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  config = flags.FLAGS.config
+  config = common.without_slots(flags.FLAGS.config)  # dense, growable and static: no slots
   if not isinstance(config.model.mlp_dim, (int, type(None))):
     raise app.UsageError("the static model widens one mlp_dim for all blocks: give an int")
   print(common.machine())
@@ -110,9 +124,21 @@ def main(argv):
   print(f"  nn.Dense and GrowableDense models: max |logit difference| "
         f"{np.max(np.abs(dense_logits - logits)):.1e}")
 
-  spectrum = common.random_spectrum(growable_state.variables, config.growth.layers, seed=0)
-  plan = ten_percent_plan(spectrum, _GROWN_FRACTION.value, seed=0)
-  grown_state = common.grow_state(growable, growable_state, plan, spectrum)
+  if _GROWN_FROM.value:
+    grown_state = common.with_variables(
+        growable, growable_state, checkpoint.read_latest(_GROWN_FROM.value).variables)
+    grown_what = f"the latest checkpoint of {_GROWN_FROM.value}"
+  else:
+    spectrum = common.random_spectrum(growable_state.variables, config.growth.layers, seed=0)
+    plan = ten_percent_plan(spectrum, _GROWN_FRACTION.value, seed=0)
+    grown_state = growable_state
+    if _SCHEDULE_SLOTS.value:
+      scheduled = config.copy_and_resolve_references()
+      scheduled.growth.slots = "schedule"
+      grown_state = common.with_variables(
+          growable, grown_state, growth_event.scheduled_slots(scheduled, grown_state.variables))
+    grown_state = common.grow_state(growable, grown_state, plan, spectrum, _RESERVE_EVENTS.value)
+    grown_what = f"{_GROWN_FRACTION.value:.0%} of neurons grown"
   grown_params = spec.count_params(grown_state.variables)
   static_config = config.copy_and_resolve_references()
   static_config.model.mlp_dim = widened_mlp(config, info, grown_params)
@@ -131,16 +157,18 @@ def main(argv):
   print("  XLA's cost analysis of the dense / growable steps: " + ", ".join(
       f"{key} {costs['dense'].get(key, 0):,.0f} / {costs['growable'].get(key, 0):,.0f}"
       for key in ("flops", "bytes accessed")))
-  units = sum(len(i) for i in plan.indices.values())
-  neurons = sum(s.eigvals.shape[0] for s in spectrum.values())
-  print(f"  grown: {units} units on {neurons} neurons of {len(spectrum)} layers; static: "
-        f"mlp_dim widened to {static_config.model.mlp_dim}")
+  architecture = spec.from_variables(grown_state.variables)
+  slots = sum(sum(layer["slots"].values()) for layer in architecture["layers"].values())
+  print(f"  grown: {spec.num_units(architecture)} units in {slots} slots "
+        f"(events reserved: {'the schedule' if _SCHEDULE_SLOTS.value else _RESERVE_EVENTS.value});"
+        f" static: mlp_dim widened to "
+        f"{static_config.model.mlp_dim}")
 
   times = common.interleaved_times(candidates, _STEPS.value, _ROUNDS.value)
   print(common.ratio_line("GrowableDense without units / nn.Dense", times, "growable", "dense",
                           1.03))
-  print(common.ratio_line(f"{_GROWN_FRACTION.value:.0%} of neurons grown / static of equal "
-                          "params", times, "grown", "static", 1.15))
+  print(common.ratio_line(f"{grown_what} / static of equal params", times, "grown", "static",
+                          1.15))
 
 
 if __name__ == "__main__":

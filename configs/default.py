@@ -17,6 +17,7 @@ def get_config():
 
   c.growth.epochs = (8.0, 16.0, 24.0)
   c.growth.target_params = 120_000
+  c.growth.slots = "schedule"     # every unit slot from the start: no event recompiles
 
   c.log_every_steps = 100
   c.eval_every_epochs = 10.0

@@ -24,6 +24,7 @@ def get_config():
   c.growth.budget_per_event = 200
   c.growth.update(config_lib.GROWN_VARIANTS["authors"])
   c.growth.num_iters = 8
+  c.growth.slots = "schedule"     # the shared test run trains the slots-from-the-start path
   c.log_every_steps = 10
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 20

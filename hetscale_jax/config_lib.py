@@ -69,6 +69,8 @@ def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
   c.growth.unit_scale = 1.0                   # |r . x~| of a gated unit, relative to input scale
   c.growth.threshold = 0.0                    # splitting, row_sum: grow only scores below this
   c.growth.max_layer_fraction = 0.25          # cap on a layer's neurons grown per event
+  c.growth.slots = "events"                   # unit slots sized at each event, or all before
+                                              # training: "schedule" (grow.SLOTS)
   c.growth.probe_batches = 1                  # training batches the splitting matrices average
   c.growth.num_iters = splitting.DEFAULT_NUM_ITERS   # Lanczos iterations
   c.growth.method = "collected"               # or "streamed" (memory of one training step)
@@ -217,6 +219,7 @@ def validate(config) -> None:
   _require(g.perturbation >= 0, "growth.perturbation", g.perturbation, "must be >= 0 (0: none)")
   _require(0 < g.max_layer_fraction <= 1, "growth.max_layer_fraction", g.max_layer_fraction,
            "must be in (0, 1]")
+  _require(g.slots in grow.SLOTS, "growth.slots", g.slots, f"choose one of {grow.SLOTS}")
   _require(g.probe_batches >= 1, "growth.probe_batches", g.probe_batches, "must be >= 1")
   _require(g.num_iters >= 1, "growth.num_iters", g.num_iters, "must be >= 1")
   _require(g.method in splitting.METHODS, "growth.method", g.method,

@@ -8,7 +8,8 @@
 Works on any linen model built from GrowableDense. Growing never moves an existing parameter:
 each event puts units (docs/method.md, "The unit") into free slots of the chosen layers'
 packed unit arrays (layers.py), padding them to the next capacity when full, so every
-existing parameter and its optimizer moments carry over unchanged.
+existing parameter and its optimizer moments carry over unchanged. `reserve_slots` sizes the
+arrays for a whole schedule of events before training, so that no event changes a shape.
 
 Three independent choices make a mechanism (docs/method.md, "Selection"):
   rule        how neurons are scored (RULES): the paper's text is "splitting", the authors'
@@ -21,6 +22,7 @@ Every rule works with every unit and allocation, on one code path.
 """
 
 import collections
+from collections.abc import Callable
 import dataclasses
 
 from flax import traverse_util
@@ -37,6 +39,9 @@ THRESHOLD_RULES = ("splitting", "row_sum")
 UNITS = tuple(layers.UNIT_KINDS)
 ALLOCATIONS = ("global", "by_kind")
 MODES = ("exact", "split")
+# When a training run sizes its unit slots (growth.slots): "events", each event from its picks,
+# with room for the events still to come; "schedule", all before training (reserve_slots).
+SLOTS = ("events", "schedule")
 # A linear unit starts at p+/- = +/-LINEAR_INIT [w_j, b_j], the neuron's own row, as released.
 LINEAR_INIT = 0.2
 
@@ -54,6 +59,12 @@ class Plan:
 
   def counts(self) -> dict[str, int]:
     return {p: len(i) for p, i in self.indices.items()}
+
+
+def layer_cap(neurons: int, max_layer_fraction: float) -> int:
+  """The most units one event puts on a layer of `neurons` neurons: max_layer_fraction of them,
+  and at least one, so that no layer is too small to grow."""
+  return max(1, int(max_layer_fraction * neurons))
 
 
 def layer_kind(path: str) -> str:
@@ -217,7 +228,7 @@ def select(spectrum: dict[str, Spectrum], budget: int | None = None, threshold: 
   max_units = np.inf if max_units is None else max_units
   rng = jax.random.key(0) if rng is None else rng
   costs = {p: spectrum_unit_cost(s, unit) for p, s in spectrum.items()}
-  caps = {p: max(1, int(max_layer_fraction * s.eigvals.shape[0])) for p, s in spectrum.items()}
+  caps = {p: layer_cap(s.eigvals.shape[0], max_layer_fraction) for p, s in spectrum.items()}
   ranked = _ranked(scores(spectrum, rule), costs, rule, threshold, rng)
   if allocation == "global":
     chosen = _greedy_fill(ranked, budget, max_units, costs, caps)
@@ -284,6 +295,29 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
       units[path] = (np.zeros(0, np.int32), np.zeros((0, width)),
                      np.zeros(0) if plan.unit == "gated" else np.zeros((0, width)))
   return add_units(variables, units, plan.unit, reserve_events)
+
+
+def reserve_slots(variables, events: int, unit: str, max_layer_fraction: float,
+                  layer_filter: Callable[[str], bool]):
+  """New variables in which every GrowableDense layer that `layer_filter` accepts (by path)
+  holds empty slots for the most units of kind `unit` that `events` growth events can put on
+  it: each adds at most layer_cap of its neurons, and a gated unit's depth is at most `events`.
+  Growing within such a schedule then never changes a shape: the train step compiles once, the
+  first compile already has the units' code, and every seed and rule of a config shares its
+  programs. The price is compute: every slot of a depth that holds a unit computes (the empty
+  depths are skipped), and the projection of every slot, used or not, is computed each step."""
+  if unit not in UNITS:
+    raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  packs = {}
+  for key, kernel in params.items():
+    path = key[:-len("/kernel")]
+    if key.endswith("/kernel") and kernel.ndim == 2 and layer_filter(path):
+      d_in, d_out = kernel.shape
+      slots = layers.capacity(events * layer_cap(d_out, max_layer_fraction))
+      depths = events if unit == "gated" else 1
+      packs[path] = {unit: layers.empty_pack(unit, depths, slots, d_in, kernel.dtype)}
+  return layers.set_packs(variables, packs)
 
 
 def add_units(variables, units: dict, unit: str = "gated", reserve_events: int = 0):

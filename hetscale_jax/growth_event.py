@@ -101,6 +101,16 @@ def eligible(layer_kinds: tuple[str, ...]) -> Callable[[str], bool]:
   return lambda path: path.rsplit("/", 1)[-1] in layer_kinds
 
 
+def scheduled_slots(config, variables):
+  """`variables` with, if growth.slots is "schedule", the unit slots of every event of the run
+  held from the start (grow.reserve_slots on the eligible layers); unchanged otherwise."""
+  g = config.growth
+  if not g.enabled or g.slots != "schedule":
+    return variables
+  return grow.reserve_slots(variables, len(g.epochs), g.unit, g.max_layer_fraction,
+                            eligible(tuple(g.layers)))
+
+
 def split_check(loss_fn, variables, spectrum, plan: grow.Plan, unit_scale: float,
                 batches: dict[str, list]) -> dict:
   """Per added parameter: the predicted loss change of growing the plan's neurons as gated
@@ -144,7 +154,8 @@ def grow_state(config, model, tx, state, next_batches: list, *, weights_left: li
   step = int(state.step)
   before = spec.count_params(state.variables)
   start = time.perf_counter()
-  variables = {"params": state.params, GROWTH_COLLECTION: state.growth}
+  # The slots' places are read on the host to add units (on every process, also multi-host).
+  variables = {"params": state.params, GROWTH_COLLECTION: sharding.host_value(state.growth)}
   loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # eager: not the spectrum's
   with compile_log.program("spectrum"):

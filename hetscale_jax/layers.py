@@ -23,10 +23,13 @@ event that added it, so that the compiled programs do not grow with the number o
 A gated unit at depth d reads its neuron's output after the units at depths < d: a neuron grown
 twice gets its second unit on top of its first. The units of one depth sit on distinct neurons,
 so each depth is one gather and one scatter, and a scan over the depth axis applies them in
-order: the code is the same for any D. Linear units do not read z_j, so they all apply at once
-(D = 1), before the gated ones. Capacities C are padded to a ladder of sizes (`capacity`:
-powers of two and the points halfway between), so that events and runs that grow by different
-amounts often share shapes, and a compiled program or the persistent XLA cache serves them.
+order: the code is the same for any D. A depth that holds no unit (one reserved for events to
+come) is skipped at run time, in the backward pass too: the depth's work is rematerialised
+there (jax.checkpoint) instead of stored, so a skipped depth has no residuals to fill. Linear
+units do not read z_j, so they all apply at once (D = 1), before the gated ones. Capacities C
+are padded to a ladder of sizes (`capacity`: powers of two and the points halfway between), so
+that events and runs that grow by different amounts often share shapes, and a compiled program
+or the persistent XLA cache serves them.
 A padded slot (a column of at_depth with no True) is exactly inert: its parameters are zero,
 its contribution and gradient are masked to zero, it is not counted as a parameter, and
 optim.adamw neither steps nor decays it.
@@ -195,6 +198,12 @@ def abstract_pack(kind: str, depths: int, slots: int, d_in: int, dtype) -> UnitP
                    for f, s in unit_shapes(kind, slots, d_in).items()})
 
 
+def empty_pack(kind: str, depths: int, slots: int, d_in: int, dtype) -> UnitPack:
+  """A pack of `slots` empty slots and `depths` depths: room for units before any is added."""
+  return UnitPack(kind, jnp.zeros(slots, jnp.int32), jnp.zeros((depths, slots), jnp.bool_),
+                  {f: jnp.zeros(s, dtype) for f, s in unit_shapes(kind, slots, d_in).items()})
+
+
 def _pad(array, axis: int, size: int):
   widths = [(0, 0)] * array.ndim
   widths[axis] = (0, size - array.shape[axis])
@@ -208,8 +217,7 @@ def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_ev
   small grows to room for `reserve_events` more events like this one as well (as many units
   each, and for gated units one depth more each), its slots rounded up by `capacity`."""
   if pack is None:
-    pack = UnitPack(new.kind, np.zeros(0, np.int32), np.zeros((0, 0), bool),
-                    {f: np.zeros(s, dtype) for f, s in unit_shapes(new.kind, 0, d_in).items()})
+    pack = empty_pack(new.kind, 0, 0, d_in, dtype)
   index, at_depth = np.asarray(pack.index), np.asarray(pack.at_depth)
   live = at_depth.any(axis=0)
   used, n = int(live.sum()), len(new.index)
@@ -322,6 +330,28 @@ def _projections(pack: UnitPack, dtype) -> tuple[jax.Array, jax.Array]:
   return w[:, 0] + w[:, 1], b[:, 0] + b[:, 1]
 
 
+def _apply_pack(yt, xt, pack: UnitPack, activation: str):
+  """yt [d_out, tokens] with the units of `pack` added: linear ones at once, gated ones depth
+  by depth (a scan that skips depths without units). Masked slots compute and add exactly 0.
+
+  lax.cond alone would not skip a depth's backward: its residuals, zeros where the depth was
+  skipped, would be filled and kept for every depth. Rematerialising the depth (jax.checkpoint)
+  leaves none, and recomputing the GELUs costs less on CPU than storing them (BENCHMARKS.md)."""
+  weights, offsets = _projections(pack, yt.dtype)
+  p = weights @ xt + offsets[:, None]
+  if pack.kind == "linear":
+    return yt.at[pack.index].add(jnp.where(pack.live[:, None], linear_unit(p, activation), 0))
+  gain = pack.params["a"].astype(yt.dtype)[:, None]
+
+  def add(yt, at_depth):
+    unit = gain * skip_unit(yt[pack.index], p, activation)
+    return yt.at[pack.index].add(jnp.where(at_depth[:, None], unit, 0))
+
+  def add_depth(yt, at_depth):
+    return lax.cond(jnp.any(at_depth), jax.checkpoint(add), lambda yt, _: yt, yt, at_depth), None
+  return lax.scan(add_depth, yt, pack.at_depth)[0]
+
+
 def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gelu"):
   """Applies the packs to y [..., d_out] (linear units, then gated ones by depth); x [..., d_in]
   is the layer's input. One matmul on x per kind (x~ = [x, 1] is never built: the offsets are
@@ -334,21 +364,8 @@ def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gel
   yt = y.reshape(-1, d_out).T
   xt = x.reshape(-1, x.shape[-1]).T
   for kind in UNIT_KINDS:
-    if kind not in packs:
-      continue
-    pack = packs[kind]
-    weights, offsets = _projections(pack, y.dtype)
-    p = weights @ xt + offsets[:, None]
-    if kind == "linear":
-      yt = yt.at[pack.index].add(jnp.where(pack.live[:, None], linear_unit(p, activation), 0))
-      continue
-    gain = pack.params["a"].astype(y.dtype)[:, None]
-
-    def add_depth(yt, at_depth):
-      z = yt[pack.index]
-      contribution = jnp.where(at_depth[:, None], gain * skip_unit(z, p, activation), 0)
-      return yt.at[pack.index].add(contribution), None
-    yt, _ = lax.scan(add_depth, yt, pack.at_depth)
+    if kind in packs:
+      yt = _apply_pack(yt, xt, packs[kind], activation)
   return yt.T.reshape(lead + (d_out,))
 
 

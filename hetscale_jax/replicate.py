@@ -266,6 +266,12 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   """Trains what is missing of every (variant, seed) (report_only: nothing) and writes the
   report of the runs that finished; returns its text and the number of failed runs (none when
   report_only). The static variants' runs are in `static_workdir` (default: `workdir`)."""
+  if base.growth.slots != "events":
+    # Slots held from the start differ in shape between unit kinds and are absent from static
+    # variants: the programs would differ, and rounding would part the runs before any event.
+    raise config_lib.ConfigError(
+        f"config.growth.slots={base.growth.slots!r} is invalid for a study: its variants must "
+        "train bit-identically up to their first event; use 'events'")
   base.compilation_cache_dir = os.path.abspath(os.path.join(workdir, "xla_cache"))
   info = input_pipeline.dataset_info(base.data)
   sizes = train.model_sizes(base, info)

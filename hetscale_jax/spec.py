@@ -12,7 +12,7 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from hetscale_jax import layers
+from hetscale_jax import layers, sharding
 
 FORMAT_VERSION = 3
 # Formats 1 and 2 stored one set of arrays per growth event ("units{k}_r", ...); format 3
@@ -20,9 +20,17 @@ FORMAT_VERSION = 3
 _READABLE = {1, 2, FORMAT_VERSION}
 
 
+def _growth_on_host(variables):
+  """variables with the growth collection (slot indices and depths, small) as numpy on every
+  process, also where it is a global array over the devices of several processes."""
+  return {**variables, layers.GROWTH_COLLECTION: sharding.host_value(
+      variables.get(layers.GROWTH_COLLECTION, {}))}
+
+
 def count_params(variables) -> int:
   """Parameters of a (grown) model: every parameter, but of the unit fields only the slots
   that hold a unit (padded slots are no parameters of the model)."""
+  variables = _growth_on_host(variables)
   params = traverse_util.flatten_dict(variables["params"], sep="/")
   live = traverse_util.flatten_dict(layers.live_slots(variables), sep="/")
   return sum(int(np.prod(np.shape(v)[1:])) * int(np.sum(live[k]))
@@ -40,7 +48,7 @@ def from_variables(variables) -> dict:
   """{"format", "layers": {path: {"d_in", "d_out", "units": {kind: [units at each depth]},
   "slots": {kind: slots}}}} for every dense layer (2-d kernel); "units" and "slots" are empty
   for a layer that never grew."""
-  grown = layers.grown_layers(variables)
+  grown = layers.grown_layers(_growth_on_host(variables))
   summary = {}
   for path, (d_in, d_out) in sorted(_layer_kernels(variables["params"]).items()):
     packs = grown.get(path, {})

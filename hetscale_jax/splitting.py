@@ -348,8 +348,9 @@ def select_layers(found: dict[LayerPath, dict], layer_filter: LayerFilter) -> di
 
 class SameComputation:
   """A function as a static jit argument, equal to another whenever both compute the same:
-  the same code object with the same closure contents, defaults and globals (by identity), or
-  a functools.partial of such with the same arguments.
+  the same code object with the same closure contents, defaults and globals (by identity; a
+  functools.partial among the closure contents by what it computes), or a functools.partial of
+  such with the same arguments.
 
   jax.jit keys a static argument by equality, and two function objects are never equal: a fresh
   `lambda v, b: loss(model, v, b)` on every call would compile the spectrum anew each time
@@ -370,7 +371,8 @@ class SameComputation:
     code = getattr(fn, "__code__", None)
     if code is None or not hasattr(fn, "__globals__"):
       return ("object", _Same(fn))
-    cells = tuple(_Same(c.cell_contents) for c in fn.__closure__ or ())
+    cells = tuple(cls._identity(c.cell_contents) if isinstance(c.cell_contents, functools.partial)
+                  else _Same(c.cell_contents) for c in fn.__closure__ or ())
     defaults = tuple(map(_Same, fn.__defaults__ or ()))
     keyword_defaults = tuple(sorted((k, _Same(v)) for k, v in (fn.__kwdefaults__ or {}).items()))
     return ("function", code, cells, defaults, keyword_defaults, _Same(fn.__globals__))

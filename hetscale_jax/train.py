@@ -100,8 +100,11 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
 def init_state(config, model, tx, info) -> TrainState:
   rng = jax.random.PRNGKey(config.seed)
   dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-  params = model.init({"params": jax.random.fold_in(rng, 0)}, dummy, train=False)["params"]
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, growth={},
+  variables = growth_event.scheduled_slots(
+      config, model.init({"params": jax.random.fold_in(rng, 0)}, dummy, train=False))
+  params = variables["params"]
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                    growth=variables.get("growth", {}),
                     opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1),
                     first_bad_step=jnp.full([], -1, jnp.int32))
 

@@ -324,6 +324,85 @@ def test_growing_twice_stacks_units_by_depth(x64):
   assert float(jnp.max(jnp.abs(apply(second_on, inputs) - apply(once, inputs)))) > 1e-6
 
 
+@pytest.mark.parametrize("unit", ["gated", "linear"])
+def test_slots_reserved_for_a_schedule_hold_every_event_unchanged(x64, unit):
+  """reserve_slots sizes each eligible layer for `events` events at the layer cap; events that
+  grow within that schedule change no shape, and compute what growing on demand computes."""
+  problem = make_mlp(jnp.float64)
+  events, fraction = 3, 0.5
+  reserved = grow.reserve_slots(problem.variables, events, unit, fraction,
+                                layer_filter=lambda path: path != "out")
+  packs = layers.grown_layers(reserved)
+  assert sorted(packs) == ["dense_0", "dense_1"]
+  for path, d_out in (("dense_0", 7), ("dense_1", 6)):
+    pack = packs[path][unit]
+    assert pack.at_depth.shape == ((events if unit == "gated" else 1),
+                                   layers.capacity(events * max(1, int(fraction * d_out))))
+    assert not np.any(pack.at_depth)
+  apply = jax.jit(problem.model.apply)
+  inputs = problem.batch[0]
+  np.testing.assert_array_equal(apply(reserved, inputs), apply(problem.variables, inputs))
+  assert spec.count_params(reserved) == spec.count_params(problem.variables)
+
+  shapes = jax.tree.map(jnp.shape, reserved)
+  on_demand, scheduled = problem.variables, reserved
+  for event in range(events):
+    spectrum = exact_spectrum(problem, on_demand)
+    spectrum = {p: s for p, s in spectrum.items() if p != "out"}
+    # Random neurons at the layer cap, so that later events stack units on earlier ones; the
+    # units get gains of 1 (split mode) or their p+ moved, so that they change the function.
+    plan = grow.select(spectrum, budget=10**9, rule="random", unit=unit, max_layer_fraction=fraction,
+                       rng=jax.random.key(event))
+    mode = "split" if unit == "gated" else "exact"
+    on_demand = grow.grow(on_demand, plan, spectrum, mode=mode, reserve_events=events - 1 - event)
+    scheduled = grow.grow(scheduled, plan, spectrum, mode=mode, reserve_events=events - 1 - event)
+    assert jax.tree.map(jnp.shape, scheduled) == shapes, event
+  if unit == "linear":  # p+ = -p- computes nothing: unbalance every unit alike in both
+    unbalance = lambda v: jax.tree_util.tree_map_with_path(
+        lambda k, a: a.at[:, 0].multiply(1.5) if jax.tree_util.keystr(k).endswith("['linear_w']")
+        else a, v)
+    on_demand, scheduled = unbalance(on_demand), unbalance(scheduled)
+  assert spec.from_variables(scheduled)["layers"]["dense_0"]["units"] == (
+      spec.from_variables(on_demand)["layers"]["dense_0"]["units"])
+  assert float(jnp.max(jnp.abs(apply(scheduled, inputs) - apply(problem.variables, inputs)))) > 1e-3
+  np.testing.assert_allclose(apply(scheduled, inputs), apply(on_demand, inputs), rtol=0, atol=1e-12)
+
+
+def test_slots_held_for_a_schedule_change_no_training_step(x64):
+  """Before any unit is added, training a model whose layers hold a schedule's empty slots
+  moves its parameters as training the plain model does, and leaves every slot's parameters
+  and optimizer state at exactly zero."""
+  problem = make_mlp(jnp.float64)
+  reserved = grow.reserve_slots(problem.variables, 3, "gated", 0.5, layer_filter=lambda p: True)
+  tx = optim.adamw(1e-2, weight_decay=0.1)
+
+  def train(variables, steps=3):
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    @jax.jit
+    def step(params, opt_state):
+      grads = jax.grad(lambda p: problem.loss_fn({**rest, "params": p}, problem.batch))(params)
+      updates, opt_state = tx.update(grads, opt_state, params, live=layers.live_slots(variables))
+      return optax.apply_updates(params, updates), opt_state
+    params, opt_state = variables["params"], tx.init(variables["params"])
+    for _ in range(steps):
+      params, opt_state = step(params, opt_state)
+    return params, opt_state
+
+  plain, _ = train(problem.variables)
+  held, held_state = train(reserved)
+  for path, layer in plain.items():
+    for name, value in layer.items():
+      np.testing.assert_allclose(held[path][name], value, rtol=0, atol=1e-12)
+  slots = _leaves_by_path({p: {k: v for k, v in layer.items() if layers.is_unit_param(k)}
+                           for p, layer in held.items()})
+  assert slots and all(np.all(np.asarray(v) == 0) for v in slots.values())
+  adam = held_state[0]
+  for tree in (adam.mu, adam.nu, adam.count):
+    for path, layer in tree.items():
+      assert all(np.all(np.asarray(v) == 0) for k, v in layer.items() if layers.is_unit_param(k))
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizer-state migration.
 

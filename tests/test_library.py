@@ -2,6 +2,7 @@
 per model and loss, caps that never shut a layer out, one RNG convention, budgets in units,
 and units placed by hand."""
 
+import functools
 import pathlib
 import re
 
@@ -66,6 +67,11 @@ def test_two_equal_closures_compile_the_spectrum_once():
   assert key(make_loss(problem.loss_fn)) == key(make_loss(problem.loss_fn))
   assert key(make_loss(problem.loss_fn)) != key(make_loss(other.loss_fn))
   assert key(lambda v, b: 1) != key(lambda v, b: 2)  # other code
+  # A closure over a fresh partial (as train.model_input makes one per growth event) is the
+  # same computation when the partials are.
+  over = lambda prepare: lambda v, b: prepare(b)
+  assert key(over(functools.partial(max, 3))) == key(over(functools.partial(max, 3)))
+  assert key(over(functools.partial(max, 3))) != key(over(functools.partial(max, 4)))
 
 
 def test_a_small_layer_is_never_shut_out_by_the_cap():

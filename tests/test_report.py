@@ -14,7 +14,7 @@ import jax.extend.core
 import numpy as np
 import pytest
 
-from hetscale_jax import evidence, grow, layers, plots, replicate, report, spec
+from hetscale_jax import config_lib, evidence, grow, layers, plots, replicate, report, spec
 from hetscale_jax import workdir as workdir_lib
 from hetscale_jax.layers import GROWTH_COLLECTION
 from hetscale_jax.splitting import random_spectrum
@@ -47,6 +47,7 @@ def study_config():
   config.checkpoint_every_steps = 1000  # checkpoints: the growth event's and the last step's
   config.growth.unit_only_steps = 3
   config.growth.held_aside_batches = 2
+  config.growth.slots = "events"  # a study's pairing (replicate refuses "schedule")
   return config
 
 
@@ -79,6 +80,15 @@ def test_a_study_that_grows_later_reads_the_static_runs_of_another(study, tmp_pa
     replicate.run_study(other, str(tmp_path / "other"), seeds=1, jobs=1,
                         variants=["static_reduced"], post_event_steps=5, static_workdir=study)
   assert not os.path.exists(tmp_path / "other")
+
+
+def test_a_study_refuses_slots_held_from_the_start(tmp_path):
+  config = study_config()
+  config.growth.slots = "schedule"
+  with pytest.raises(config_lib.ConfigError, match="growth.slots='schedule'.*use 'events'"):
+    replicate.run_study(config, str(tmp_path), seeds=1, jobs=1, variants=STUDY_VARIANTS,
+                        post_event_steps=5)
+  assert not os.listdir(tmp_path)
 
 
 def test_sigterm_starts_no_new_run_and_passes_on_to_the_running_ones():
