@@ -432,3 +432,12 @@ def test_configs_that_do_not_grow_differ_in_no_growth_field():
   later.model.mlp_dim = 24
   assert differences(static, later) == ["model.mlp_dim: 16 -> 24"]
   assert differences(static, tiny_config()) == ["growth.enabled: False -> True"]
+
+
+def test_a_workdir_whose_config_cannot_be_read_is_refused_unchanged(tmp_path):
+  marker = tmp_path / workdir_lib.CONFIG_FILE
+  marker.write_text('{"seed": 0, "model": ')  # cut off mid-write
+  with pytest.raises(workdir_lib.WorkdirError, match="is not a readable config.*nothing was changed"):
+    workdir_lib.claim(str(tmp_path), tiny_config())
+  assert os.listdir(tmp_path) == [workdir_lib.CONFIG_FILE]
+  assert marker.read_text() == '{"seed": 0, "model": '
