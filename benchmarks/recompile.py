@@ -3,7 +3,7 @@ r"""Recompilation seconds per growth event, with and without JAX's persistent co
   python benchmarks/recompile.py [--config configs/default.py] [--events 9]
 
 Fresh processes grow the config's model through its growth events (or --events events spread
-over the same epochs; each event's budget and reserved slots as train.py gives them, random
+over the same epochs; each event's budget, unit kind and slots as train.py gives them, random
 neurons from a seeded key) and time what training compiles at the start and after each event:
 the train step (train.compile_train_step) and the eval step; 0 where the event's units fit the
 slots reserved before, and the program compiled then is reused.
@@ -73,7 +73,7 @@ def measure(config, seed: int) -> list[dict]:
       params = spec.count_params(state.variables)
       spectrum = common.random_spectrum(state.variables, g.layers, seed=event)
       plan = grow.select(spectrum, growth_event.event_budget(g, params, [1.0] * (num_events - event + 1)),
-                         rule="random", max_layer_fraction=g.max_layer_fraction,
+                         rule="random", unit=g.unit, max_layer_fraction=g.max_layer_fraction,
                          rng=jax.random.fold_in(jax.random.key(seed), event))
       state = common.grow_state(trainer, state, plan, spectrum, reserve_events=num_events - event)
     compiled = trainer.compile(state, batch)
