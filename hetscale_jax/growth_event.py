@@ -32,9 +32,12 @@ noise-floor variant, whose picks at that event are those of the same run unpertu
 from collections.abc import Callable
 import dataclasses
 import functools
+import threading
 import time
 
+from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hetscale_jax import compile_log, grow, losses, sharding, spec, unit_only
@@ -111,6 +114,42 @@ def scheduled_slots(config, variables):
                             eligible(tuple(g.layers)))
 
 
+def event_spectrum(config, loss_fn, variables, probe: list, step: int):
+  """The spectrum a growth event at `step` scores `variables` by, on the probe batches."""
+  g = config.growth
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # eager: not the spectrum's
+  with compile_log.program("spectrum"):
+    return grow.splitting_spectrum(
+        loss_fn, variables, probe if len(probe) > 1 else probe[0], num_iters=g.num_iters,
+        rng=rng, method=g.method, layer_filter=eligible(tuple(g.layers)))
+
+
+def warm_up_spectrum(config, model, state, batch, *, num_classes: int,
+                     model_input: Callable) -> threading.Thread:
+  """A started thread that computes, on a copy of `state`, the spectrum a growth event would
+  (probe: growth.probe_batches copies of `batch`), so that its programs compile while training
+  goes on. Only worth it where the event's shapes are known now: with growth.slots "schedule"
+  no event changes them, and every event finds the spectrum compiled. Join it before an event,
+  so that the two never compile the same program at once. One process only: on several, the
+  thread's programs and the train steps could start in another order on each, and their
+  collectives would wait for each other."""
+  # A copy: the train step donates the state's buffers while the thread reads them.
+  variables = {"params": jax.tree.map(jnp.copy, state.params),
+               GROWTH_COLLECTION: sharding.host_value(state.growth)}
+  loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
+  probe, step = [batch] * config.growth.probe_batches, int(state.step)
+
+  def run():
+    try:
+      jax.block_until_ready(event_spectrum(config, loss_fn, variables, probe, step))
+    except Exception as e:  # the event then compiles the spectrum itself  # pylint: disable=broad-except
+      logging.warning("warming up the spectrum failed (%s: %s); the first growth event will "
+                      "compile it", type(e).__name__, e)
+  thread = threading.Thread(target=run, name="warm_up_spectrum", daemon=True)
+  thread.start()
+  return thread
+
+
 def split_check(loss_fn, variables, spectrum, plan: grow.Plan, unit_scale: float,
                 batches: dict[str, list]) -> dict:
   """Per added parameter: the predicted loss change of growing the plan's neurons as gated
@@ -157,12 +196,7 @@ def grow_state(config, model, tx, state, next_batches: list, *, weights_left: li
   # The slots' places are read on the host to add units (on every process, also multi-host).
   variables = {"params": state.params, GROWTH_COLLECTION: sharding.host_value(state.growth)}
   loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # eager: not the spectrum's
-  with compile_log.program("spectrum"):
-    spectrum = grow.splitting_spectrum(
-        loss_fn, variables, probe if len(probe) > 1 else probe[0], num_iters=g.num_iters,
-        rng=rng, method=g.method, layer_filter=eligible(tuple(g.layers)))
-  spectrum = sharding.host_value(spectrum)
+  spectrum = sharding.host_value(event_spectrum(config, loss_fn, variables, probe, step))
   plan = grow.select(spectrum, event_budget(g, before, weights_left), g.threshold, rule=g.rule,
                      unit=g.unit, allocation=g.allocation, max_layer_fraction=g.max_layer_fraction,
                      min_candidates=g.min_candidates, max_layers_per_kind=g.max_layers_per_kind,

@@ -315,6 +315,11 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   batches = itertools.chain([first], batches)
   held_aside = held_aside_batches(config, mesh)
   compiled = compile_train_step(train_step, mesh, state, first)
+  # With every slot held from the start, the events' spectrum has the shapes it has now.
+  warm_up = (growth_event.warm_up_spectrum(config, model, state, first, num_classes=info.num_classes,
+                                           model_input=model_input(config))
+             if config.growth.slots == "schedule" and events[len(growth_log):]
+             and jax.process_count() == 1 else None)
   writer = writers.create(workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
@@ -331,6 +336,8 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   for step in range(start_step, total_steps):
     if step in events[len(growth_log):]:  # a resumed run restored the earlier events grown
       with progress.timed("growth", wait_jax_async_dispatch=False):
+        if warm_up:
+          warm_up.join()
         ahead = list(itertools.islice(batches, batches_ahead(config)))
         batches = itertools.chain(ahead, batches)
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, ahead,

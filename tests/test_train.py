@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from hetscale_jax import input_pipeline, sharding, spec, train, writers
+from hetscale_jax import growth_event, input_pipeline, sharding, spec, splitting, train, writers
 from hetscale_jax import workdir as workdir_lib
 
 from conftest import POISON_PIXEL, TINY_RUN_GROUP, poison_saturated_images, tiny_config
@@ -45,6 +45,31 @@ def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch():
   assert int(state.step) == 25
   # From ~ln(10) = 2.30 at a warm-up learning rate: a clear, steady fall within 25 steps.
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.15, losses
+
+
+def test_a_warmed_up_spectrum_compiles_nothing_at_the_events():
+  """With the slots of the whole schedule held from the start (tiny_test), the spectrum that
+  warm_up_spectrum computes in its thread at the start has the programs of every event: the
+  event's spectrum, of trained parameters with units, compiles nothing, while training goes on
+  meanwhile from the state the thread copied."""
+  config = tiny_config()
+  assert config.growth.slots == "schedule"
+  step, state, batch = compiled_tiny_step()
+  state = jax.device_put(state, step.shardings)  # as training places it
+  info = input_pipeline.dataset_info(config.data)
+  model, model_input = train.create_model(config, info), train.model_input(config)
+  warm_up = growth_event.warm_up_spectrum(config, model, state, batch,
+                                          num_classes=info.num_classes, model_input=model_input)
+  for _ in range(3):  # donates the state the thread copied
+    state, _ = step.fn(state, batch)
+  warm_up.join()
+  programs = (splitting._collected_statistics, splitting._collected_solve)  # pylint: disable=protected-access
+  compiled = [p._cache_size() for p in programs]  # pylint: disable=protected-access
+  loss_fn = growth_event.probe_loss(model, info.num_classes, config.label_smoothing, model_input)
+  variables = {"params": state.params, "growth": sharding.host_value(state.growth)}
+  event = growth_event.event_spectrum(config, loss_fn, variables, [batch], int(state.step))
+  assert [p._cache_size() for p in programs] == compiled  # pylint: disable=protected-access
+  assert all(np.all(np.isfinite(s.eigvals)) for s in sharding.host_value(event).values())
 
 
 def test_non_finite_step_is_skipped_and_reported_with_its_step(monkeypatch):
