@@ -145,7 +145,9 @@ def warm_up_spectrum(config, model, state, batch, *, num_classes: int,
     except Exception as e:  # the event then compiles the spectrum itself  # pylint: disable=broad-except
       logging.warning("warming up the spectrum failed (%s: %s); the first growth event will "
                       "compile it", type(e).__name__, e)
-  thread = threading.Thread(target=run, name="warm_up_spectrum", daemon=True)
+  # Not a daemon: a run that stops before its first event (SIGTERM) exits after the thread
+  # ends, since XLA aborts the process when a daemon thread dies inside a compile.
+  thread = threading.Thread(target=run, name="warm_up_spectrum")
   thread.start()
   return thread
 
