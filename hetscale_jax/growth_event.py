@@ -128,11 +128,11 @@ def warm_up_spectrum(config, model, state, batch, *, num_classes: int,
                      model_input: Callable) -> threading.Thread:
   """A started thread that computes, on a copy of `state`, the spectrum a growth event would
   (probe: growth.probe_batches copies of `batch`), so that its programs compile while training
-  goes on. Only worth it where the event's shapes are known now: with growth.slots "schedule"
-  no event changes them, and every event finds the spectrum compiled. Join it before an event,
-  so that the two never compile the same program at once. One process only: on several, the
-  thread's programs and the train steps could start in another order on each, and their
-  collectives would wait for each other."""
+  goes on: the next event scores the model with the shapes `state` has (between events nothing
+  changes them), and finds its spectrum compiled. Join it before an event, so that the two
+  never compile the same program at once. One process only: on several, the thread's programs
+  and the train steps could start in another order on each, and their collectives would wait
+  for each other."""
   # A copy: the train step donates the state's buffers while the thread reads them.
   variables = {"params": jax.tree.map(jnp.copy, state.params),
                GROWTH_COLLECTION: sharding.host_value(state.growth)}

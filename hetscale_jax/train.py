@@ -315,11 +315,12 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   batches = itertools.chain([first], batches)
   held_aside = held_aside_batches(config, mesh)
   compiled = compile_train_step(train_step, mesh, state, first)
-  # With every slot held from the start, the events' spectrum has the shapes it has now.
-  warm_up = (growth_event.warm_up_spectrum(config, model, state, first, num_classes=info.num_classes,
-                                           model_input=model_input(config))
-             if config.growth.slots == "schedule" and events[len(growth_log):]
-             and jax.process_count() == 1 else None)
+  # The next event scores the model as it is now: its spectrum can compile meanwhile.
+  warm_up_for = lambda state, batch: (
+      growth_event.warm_up_spectrum(config, model, state, batch, num_classes=info.num_classes,
+                                    model_input=model_input(config))
+      if len(growth_log) < len(events) and jax.process_count() == 1 else None)
+  warm_up = warm_up_for(state, first)
   writer = writers.create(workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
@@ -348,6 +349,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
         report_growth(workdir, writer, event, state)
         check_finite(state)  # a checkpoint never holds a state that skipped a non-finite step
         ckpt.save(state, growth_log)  # a restart does not redo the event
+        warm_up = warm_up_for(state, ahead[0])
 
     state, metrics = compiled.fn(state, next(batches))
     step += 1
