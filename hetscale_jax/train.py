@@ -337,13 +337,16 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   for step in range(start_step, total_steps):
     if step in events[len(growth_log):]:  # a resumed run restored the earlier events grown
       with progress.timed("growth", wait_jax_async_dispatch=False):
+        waited = time.perf_counter()
         if warm_up:
-          warm_up.join()
+          warm_up.join()  # the spectrum's compile: part of what the event waits for
+        waited = time.perf_counter() - waited
         ahead = list(itertools.islice(batches, batches_ahead(config)))
         batches = itertools.chain(ahead, batches)
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, ahead,
                                                     weights[events.index(step):], info.num_classes,
                                                     held_aside)
+        event.record["seconds_spectrum"] += waited
         num_params = event.record["params_after"]
         growth_log.append(event.record)
         report_growth(workdir, writer, event, state)
