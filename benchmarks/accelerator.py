@@ -188,7 +188,7 @@ def peak_rate() -> float | None:
 
 
 def time_step(config, info, args) -> dict:
-  trainer = common.Trainer(common.without_slots(config), info)
+  trainer = common.Trainer(common.with_slots(config, "events"), info)
   state = trainer.init_state()
   batch = common.synthetic_batch(config, info)
   compiled = trainer.compile(state, batch)
@@ -232,7 +232,7 @@ def step_stage(config, info, args) -> dict:
 
 def time_grown(config, info, args) -> float:
   """Median over rounds of grown / static step time, printing train_step.py's ratio line."""
-  config = common.without_slots(config)
+  config = common.with_slots(config, "events")
   trainer = common.Trainer(config, info)
   state = trainer.init_state()
   spectrum = common.random_spectrum(state.variables, config.growth.layers, seed=0)

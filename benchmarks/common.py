@@ -102,11 +102,11 @@ def with_variables(trainer: Trainer, state, variables):
                        opt_state=trainer.tx.init(variables["params"]))
 
 
-def without_slots(config):
-  """The config with unit slots sized at growth events (growth.slots "events"): its model starts
-  as plain GrowableDense layers, whatever the config's own policy."""
+def with_slots(config, slots: str):
+  """The config with growth.slots set to `slots`, whatever its own policy: "events" for a model
+  that starts as plain GrowableDense layers, "schedule" for one holding every slot."""
   config = config.copy_and_resolve_references()
-  config.growth.slots = "events"
+  config.growth.slots = slots
   return config
 
 

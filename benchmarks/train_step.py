@@ -96,7 +96,7 @@ def widened_mlp(config, info, target: int) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  config = common.without_slots(flags.FLAGS.config)  # dense, growable and static: no slots
+  config = common.with_slots(flags.FLAGS.config, "events")  # dense, growable, static: no slots
   if not isinstance(config.model.mlp_dim, (int, type(None))):
     raise app.UsageError("the static model widens one mlp_dim for all blocks: give an int")
   print(common.machine())
@@ -133,10 +133,8 @@ def main(argv):
     plan = ten_percent_plan(spectrum, _GROWN_FRACTION.value, seed=0)
     grown_state = growable_state
     if _SCHEDULE_SLOTS.value:
-      scheduled = config.copy_and_resolve_references()
-      scheduled.growth.slots = "schedule"
-      grown_state = common.with_variables(
-          growable, grown_state, growth_event.scheduled_slots(scheduled, grown_state.variables))
+      grown_state = common.with_variables(growable, grown_state, growth_event.scheduled_slots(
+          common.with_slots(config, "schedule"), grown_state.variables))
     grown_state = common.grow_state(growable, grown_state, plan, spectrum, _RESERVE_EVENTS.value)
     grown_what = f"{_GROWN_FRACTION.value:.0%} of neurons grown"
   grown_params = spec.count_params(grown_state.variables)

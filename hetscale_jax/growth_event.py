@@ -193,10 +193,10 @@ def grow_state(config, model, tx, state, next_batches: list, *, weights_left: li
   g = config.growth
   probe = next_batches[:g.probe_batches]
   step = int(state.step)
-  before = spec.count_params(state.variables)
-  start = time.perf_counter()
-  # The slots' places are read on the host to add units (on every process, also multi-host).
+  # The slots' places are read on the host, once, to count and add units (also multi-host).
   variables = {"params": state.params, GROWTH_COLLECTION: sharding.host_value(state.growth)}
+  before = spec.count_params(variables)
+  start = time.perf_counter()
   loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
   spectrum = sharding.host_value(event_spectrum(config, loss_fn, variables, probe, step))
   plan = grow.select(spectrum, event_budget(g, before, weights_left), g.threshold, rule=g.rule,

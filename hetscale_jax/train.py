@@ -337,10 +337,10 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   for step in range(start_step, total_steps):
     if step in events[len(growth_log):]:  # a resumed run restored the earlier events grown
       with progress.timed("growth", wait_jax_async_dispatch=False):
-        waited = time.perf_counter()
+        join_start = time.perf_counter()
         if warm_up:
           warm_up.join()  # the spectrum's compile: part of what the event waits for
-        waited = time.perf_counter() - waited
+        waited = time.perf_counter() - join_start
         ahead = list(itertools.islice(batches, batches_ahead(config)))
         batches = itertools.chain(ahead, batches)
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, ahead,
