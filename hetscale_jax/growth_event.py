@@ -159,11 +159,11 @@ def split_check(loss_fn, variables, spectrum, plan: grow.Plan, unit_scale: float
   gated = dataclasses.replace(plan, unit="gated",
                               num_params=grow.plan_params(plan.indices, "gated", spectrum))
   split = grow.grow(variables, gated, spectrum, mode="split", unit_scale=unit_scale)
-  mean_loss = lambda v, batch_list: np.mean([float(loss_fn(v, b)) for b in batch_list])
   per_param = max(gated.num_params, 1)
   out = {"predicted": grow.predicted_split_change(plan, spectrum, unit_scale) / per_param}
   for name, batch_list in batches.items():
-    out[name] = (mean_loss(split, batch_list) - mean_loss(variables, batch_list)) / per_param
+    out[name] = (unit_only.mean_loss(loss_fn, split, batch_list)
+                 - unit_only.mean_loss(loss_fn, variables, batch_list)) / per_param
   return out
 
 

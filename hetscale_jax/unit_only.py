@@ -86,14 +86,19 @@ def train(loss_fn: Callable, variables, trainable: Mapping[str, jax.Array], batc
   return _with_units(variables, units)
 
 
+def mean_loss(loss_fn: Callable, variables, batches: list) -> float:
+  """The mean of loss_fn(variables, batch) over `batches`, compiled (op by op, a few forward
+  passes cost more than the compile). Every jax.jit of one loss_fn shares its programs."""
+  compiled = jax.jit(loss_fn)
+  return float(np.mean([float(compiled(variables, b)) for b in batches]))
+
+
 def measure(loss_fn: Callable, before, after, batches: list, held_out: list,
             learning_rate: float, num_params: int) -> dict:
   """Unit-only training of the units `after` has beyond `before`, on `batches`: the mean
   loss on the `held_out` batches before and after it, and their drop per added parameter
   (`num_params` of them)."""
   trained = train(loss_fn, after, new_slots(before, after), batches, learning_rate)
-  compiled_loss = jax.jit(loss_fn)
-  held_out_loss = lambda v: float(np.mean([float(compiled_loss(v, b)) for b in held_out]))
-  loss_before, loss_after = held_out_loss(after), held_out_loss(trained)
+  loss_before, loss_after = mean_loss(loss_fn, after, held_out), mean_loss(loss_fn, trained, held_out)
   return {"steps": len(batches), "loss_before": loss_before, "loss_after": loss_after,
           "drop_per_param": (loss_before - loss_after) / max(num_params, 1)}
