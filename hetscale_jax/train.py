@@ -266,6 +266,16 @@ def grow_and_recompile(config, model, tx, train_step, mesh, state, next_batches,
 PROGRAMS = ("train_step", "eval_step", "spectrum", "contribution_step")
 
 
+def use_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory` ("": none), for every program, however
+  quickly it compiles: JAX's default keeps only those of a second or more, and a run's many
+  small ones (initialisation, a growth event's eager arithmetic and loss evaluations) then
+  compile again in every process of a resumed run or a study."""
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
                        stop_after_steps: int | None = None) -> dict | None:
   """Trains (or resumes) the run of `config` in `workdir`; returns the final summary.
@@ -281,8 +291,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
   config_lib.check_against_devices(config, jax.device_count())
   # Before anything compiles (choosing and claiming the workdir synchronise hosts): JAX sets
   # its persistent cache up at the first compilation and ignores a directory named later.
-  if config.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+  use_compilation_cache(config.compilation_cache_dir)
   if fresh:
     workdir = workdir_lib.fresh(workdir)
     print(f"fresh run in {workdir} (to resume it: --workdir {workdir}, without --fresh)")

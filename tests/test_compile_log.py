@@ -6,7 +6,7 @@ from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
-from hetscale_jax import compile_log
+from hetscale_jax import compile_log, train
 
 
 def make_program():
@@ -38,12 +38,11 @@ def test_named_function_counts_its_calls_compiles_under_its_name():
 
 @pytest.fixture
 def fresh_persistent_cache(tmp_path):
-  """An empty persistent cache that stores every compile; the previous settings afterwards
-  (the other tests of this process share them)."""
+  """An empty persistent cache as training sets it up (every compile stored, a toy program's
+  too); the previous settings afterwards (the other tests of this process share them)."""
   previous = {name: getattr(jax.config, name) for name in
               ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  train.use_compilation_cache(str(tmp_path))
   compilation_cache.reset_cache()  # JAX sets the cache up at its next compile
   yield
   for name, value in previous.items():
