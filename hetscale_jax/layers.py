@@ -24,12 +24,12 @@ A gated unit at depth d reads its neuron's output after the units at depths < d:
 twice gets its second unit on top of its first. The units of one depth sit on distinct neurons,
 so each depth is one gather and one scatter, and a scan over the depth axis applies them in
 order: the code is the same for any D. A depth that holds no unit (one reserved for events to
-come) is skipped at run time, in the backward pass too: the depth's work is rematerialised
-there (jax.checkpoint) instead of stored, so a skipped depth has no residuals to fill. Linear
-units do not read z_j, so they all apply at once (D = 1), before the gated ones. Capacities C
-are padded to a ladder of sizes (`capacity`: powers of two and the points halfway between), so
-that events and runs that grow by different amounts often share shapes, and a compiled program
-or the persistent XLA cache serves them.
+come) is skipped at run time, in the backward pass too: with several depths, each depth's
+work is rematerialised (jax.checkpoint) instead of stored, so a skipped one has no residuals
+to fill. Linear units do not read z_j, so they all apply at once (D = 1), before the gated
+ones. Capacities C are padded to a ladder of sizes (`capacity`: powers of two and the points
+halfway between), so that events and runs that grow by different amounts often share shapes,
+and a compiled program or the persistent XLA cache serves them.
 A padded slot (a column of at_depth with no True) is exactly inert: its parameters are zero,
 its contribution and gradient are masked to zero, it is not counted as a parameter, and
 optim.adamw neither steps nor decays it.
@@ -294,10 +294,26 @@ def with_bias_input(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def skip_unit(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Array:
-  """u = 1/2 s(z + p) + 1/2 s(z - p) - s(z): even in p, second order at p = 0."""
+  """u = 1/2 s(z + p) + 1/2 s(z - p) - s(z): even in p, second order at p = 0.
+
+  Its derivative is written out (_skip_unit_jvp) so that reverse mode keeps two arrays per
+  slot and token, the two slopes, instead of what differentiating three activations keeps; the
+  rule is itself differentiable, as the spectrum's second derivatives need."""
   s = activation_fn(activation)
   return 0.5 * s(z + p) + 0.5 * s(z - p) - s(z)
+
+
+@skip_unit.defjvp
+def _skip_unit_jvp(activation: str, primals, tangents):
+  """du = (1/2 s'(z+p) + 1/2 s'(z-p) - s'(z)) dz + 1/2 (s'(z+p) - s'(z-p)) dp."""
+  (z, p), (dz, dp) = primals, tangents
+  s = activation_fn(activation)
+  value_and_slope = lambda v: jax.jvp(s, (v,), (jnp.ones_like(v),))
+  (s_plus, ds_plus), (s_minus, ds_minus), (s_z, ds_z) = map(value_and_slope, (z + p, z - p, z))
+  unit = 0.5 * s_plus + 0.5 * s_minus - s_z
+  return unit, (0.5 * ds_plus + 0.5 * ds_minus - ds_z) * dz + 0.5 * (ds_plus - ds_minus) * dp
 
 
 def probe_branch(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Array:
@@ -335,8 +351,9 @@ def _apply_pack(yt, xt, pack: UnitPack, activation: str):
   by depth (a scan that skips depths without units). Masked slots compute and add exactly 0.
 
   lax.cond alone would not skip a depth's backward: its residuals, zeros where the depth was
-  skipped, would be filled and kept for every depth. Rematerialising the depth (jax.checkpoint)
-  leaves none, and recomputing the GELUs costs less on CPU than storing them (BENCHMARKS.md)."""
+  skipped, would be filled and kept for every depth. With several depths each is therefore
+  rematerialised (jax.checkpoint), which leaves none; a single depth keeps its two slopes, which
+  costs less than recomputing the activations (BENCHMARKS.md)."""
   weights, offsets = _projections(pack, yt.dtype)
   p = weights @ xt + offsets[:, None]
   if pack.kind == "linear":
@@ -347,8 +364,11 @@ def _apply_pack(yt, xt, pack: UnitPack, activation: str):
     unit = gain * skip_unit(yt[pack.index], p, activation)
     return yt.at[pack.index].add(jnp.where(at_depth[:, None], unit, 0))
 
+  if pack.at_depth.shape[0] > 1:
+    add = jax.checkpoint(add)
+
   def add_depth(yt, at_depth):
-    return lax.cond(jnp.any(at_depth), jax.checkpoint(add), lambda yt, _: yt, yt, at_depth), None
+    return lax.cond(jnp.any(at_depth), add, lambda yt, _: yt, yt, at_depth), None
   return lax.scan(add_depth, yt, pack.at_depth)[0]
 
 

@@ -128,6 +128,52 @@ def test_stages_apply_in_order(x64, activation, reference):
   assert np.max(np.abs(actual - by_hand(stages[::-1]))) > 1e-4
 
 
+def _gelu_slope_numpy(z):
+  return 0.5 * (1.0 + special.erf(z / np.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi)
+
+
+def test_skip_unit_derivatives_gelu_closed_form(x64):
+  """The written-out derivative of u(z, p) against s' and s'' of GELU in closed form: the
+  gradient, and the jvp of the gradient that the spectrum takes through grown layers."""
+  z = jnp.linspace(-2.5, 2.0, 11)
+  p = jnp.linspace(1.5, -1.0, 11)
+  w = jnp.linspace(0.3, 1.7, 11)
+  loss = lambda z, p: jnp.sum(w * layers.skip_unit(z, p))
+  zn, pn, wn = map(np.asarray, (z, p, w))
+  s1, s2 = _gelu_slope_numpy, gelu_second_derivative
+  grad_z, grad_p = jax.grad(loss, argnums=(0, 1))(z, p)
+  np.testing.assert_allclose(grad_z, wn * (0.5 * s1(zn + pn) + 0.5 * s1(zn - pn) - s1(zn)),
+                             rtol=0, atol=1e-13)
+  np.testing.assert_allclose(grad_p, wn * 0.5 * (s1(zn + pn) - s1(zn - pn)), rtol=0, atol=1e-13)
+  # d/dt grad at (z + t dz, p + t dp): the Hessian of u, row by row, times (dz, dp).
+  dz, dp = jnp.cos(3 * z), jnp.sin(2 * p)
+  _, (hz, hp) = jax.jvp(jax.grad(loss, argnums=(0, 1)), (z, p), (dz, dp))
+  plus, minus = s2(zn + pn), s2(zn - pn)
+  h_zz, h_zp, h_pp = 0.5 * plus + 0.5 * minus - s2(zn), 0.5 * (plus - minus), 0.5 * (plus + minus)
+  dzn, dpn = np.asarray(dz), np.asarray(dp)
+  np.testing.assert_allclose(hz, wn * (h_zz * dzn + h_zp * dpn), rtol=0, atol=1e-13)
+  np.testing.assert_allclose(hp, wn * (h_zp * dzn + h_pp * dpn), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("activation", sorted(layers.ACTIVATIONS))
+def test_skip_unit_derivatives_equal_those_of_its_formula(x64, activation):
+  """Every activation: first and second derivatives equal JAX's of the unwritten formula."""
+  s = layers.activation_fn(activation)
+  formula = lambda z, p: 0.5 * s(z + p) + 0.5 * s(z - p) - s(z)
+  z, p = jnp.linspace(-2.0, 2.5, 9), jnp.linspace(0.8, -1.2, 9)
+  tangents = (jnp.cos(z), jnp.sin(3 * p))
+
+  def derivatives(unit):
+    """(gradient, Hessian times the tangents) of sum tanh(unit(z, p)) in (z, p)."""
+    grad = jax.grad(lambda z, p: jnp.sum(jnp.tanh(unit(z, p))), argnums=(0, 1))
+    return np.stack(grad(z, p)), np.stack(jax.jvp(grad, (z, p), tangents)[1])
+
+  written = derivatives(lambda z, p: layers.skip_unit(z, p, activation))
+  expected = derivatives(formula)
+  np.testing.assert_allclose(written[0], expected[0], rtol=0, atol=1e-14)
+  np.testing.assert_allclose(written[1], expected[1], rtol=0, atol=1e-13)
+
+
 def test_unknown_unit_activation_raises():
   with pytest.raises(ValueError, match="unknown unit activation"):
     layers.activation_fn("relu6")
