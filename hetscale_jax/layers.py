@@ -380,12 +380,21 @@ def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gel
   The work runs neuron-major, [d_out, tokens]: each gather and scatter then moves whole rows
   of tokens, where along the last axis every element is its own scatter index (on CPU those
   cost more than the units' arithmetic; BENCHMARKS.md)."""
+  arrays = {kind: (pack.index, pack.at_depth, pack.params) for kind, pack in packs.items()}
+  return _apply_unit_packs(y, x, arrays, activation)
+
+
+# A jit of its own, so that layers of equal shapes trace and differentiate their units' scan,
+# conds and remat once per program instead of once per layer, which was most of the train
+# step's tracing (BENCHMARKS.md). XLA inlines it: the compiled program is the same.
+@functools.partial(jax.jit, static_argnames="activation")
+def _apply_unit_packs(y, x, arrays: dict[str, tuple], activation: str):
   lead, d_out = y.shape[:-1], y.shape[-1]
   yt = y.reshape(-1, d_out).T
   xt = x.reshape(-1, x.shape[-1]).T
   for kind in UNIT_KINDS:
-    if kind in packs:
-      yt = _apply_pack(yt, xt, packs[kind], activation)
+    if kind in arrays:
+      yt = _apply_pack(yt, xt, UnitPack(kind, *arrays[kind]), activation)
   return yt.T.reshape(lead + (d_out,))
 
 
