@@ -302,7 +302,13 @@ def skip_unit(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Array
   slot and token, the two slopes, instead of what differentiating three activations keeps; the
   rule is itself differentiable, as the spectrum's second derivatives need."""
   s = activation_fn(activation)
-  return 0.5 * s(z + p) + 0.5 * s(z - p) - s(z)
+  return _combined(s(z + p), s(z - p), s(z))
+
+
+def _combined(at_plus, at_minus, at_z):
+  """1/2 f(z + p) + 1/2 f(z - p) - f(z) from f's values at the three points: the unit for
+  f = s, its slope in z for f = s'."""
+  return 0.5 * at_plus + 0.5 * at_minus - at_z
 
 
 @skip_unit.defjvp
@@ -312,8 +318,8 @@ def _skip_unit_jvp(activation: str, primals, tangents):
   s = activation_fn(activation)
   value_and_slope = lambda v: jax.jvp(s, (v,), (jnp.ones_like(v),))
   (s_plus, ds_plus), (s_minus, ds_minus), (s_z, ds_z) = map(value_and_slope, (z + p, z - p, z))
-  unit = 0.5 * s_plus + 0.5 * s_minus - s_z
-  return unit, (0.5 * ds_plus + 0.5 * ds_minus - ds_z) * dz + 0.5 * (ds_plus - ds_minus) * dp
+  unit = _combined(s_plus, s_minus, s_z)
+  return unit, _combined(ds_plus, ds_minus, ds_z) * dz + 0.5 * (ds_plus - ds_minus) * dp
 
 
 def probe_branch(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Array:
