@@ -297,6 +297,16 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
   return add_units(variables, units, plan.unit, reserve_events)
 
 
+def schedule_room(unit: str, events: int, cap: int, d_out: int) -> tuple[int, ...]:
+  """The most units each depth of a layer can hold after `events` events of at most `cap`
+  units each: a gated unit reaches depth d at the (d+1)-th event that picks its neuron, so
+  depth d holds at most cap (events - d) of them, and at most d_out (distinct neurons);
+  linear units all sit at depth 0."""
+  if unit == "linear":
+    return (events * cap,)
+  return tuple(min(d_out, cap * (events - d)) for d in range(events))
+
+
 def reserve_slots(variables, events: int, unit: str, max_layer_fraction: float,
                   layer_filter: Callable[[str], bool]):
   """New variables in which every GrowableDense layer that `layer_filter` accepts (by path)
@@ -304,8 +314,8 @@ def reserve_slots(variables, events: int, unit: str, max_layer_fraction: float,
   it: each adds at most layer_cap of its neurons, and a gated unit's depth is at most `events`.
   Growing within such a schedule then never changes a shape: the train step compiles once, the
   first compile already has the units' code, and every seed and rule of a config shares its
-  programs. The price is compute: every slot of a depth that holds a unit computes (the empty
-  depths are skipped), and the projection of every slot, used or not, is computed each step."""
+  programs. Each depth lists schedule_room slots; a step computes the shortest prefix of the
+  list that holds its units (layers.bucket_sizes), rematerialised in the backward pass."""
   if unit not in UNITS:
     raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
   params = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -314,9 +324,10 @@ def reserve_slots(variables, events: int, unit: str, max_layer_fraction: float,
     path = key[:-len("/kernel")]
     if key.endswith("/kernel") and kernel.ndim == 2 and layer_filter(path):
       d_in, d_out = kernel.shape
-      slots = layers.capacity(events * layer_cap(d_out, max_layer_fraction))
-      depths = events if unit == "gated" else 1
-      packs[path] = {unit: layers.empty_pack(unit, depths, slots, d_in, kernel.dtype)}
+      cap = layer_cap(d_out, max_layer_fraction)
+      slots = layers.capacity(events * cap)
+      packs[path] = {unit: layers.empty_pack(unit, slots, d_in, kernel.dtype,
+                                             room=schedule_room(unit, events, cap, d_out))}
   return layers.set_packs(variables, packs)
 
 

@@ -210,9 +210,10 @@ def grow_state(config, model, tx, state, next_batches: list, *, weights_left: li
   if held_aside and g.measure_split:
     record["split_check"] = split_check(loss_fn, variables, spectrum, plan, g.split_check_scale,
                                         {"probe": probe, "check": held_aside})
-  # Packs sized for the events still to come: they usually fit without another recompile.
-  grown_variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale,
-                              reserve_events=len(weights_left) - 1)
+  # No room for the events to come: each depth lists exactly its units, so the train step
+  # compiles again after every event whatever room the packs held (slots held from the start,
+  # growth.slots "schedule", are the way to one program).
+  grown_variables = grow.grow(variables, plan, spectrum, mode=g.mode, unit_scale=g.unit_scale)
   params = grown_variables["params"]
   if g.perturbation > 0 and len(weights_left) == len(g.epochs):  # the first event
     params = perturb(params, g.perturbation,

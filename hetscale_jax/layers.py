@@ -11,27 +11,32 @@ first order, (1 + s'(0)) dL/dy_j x~. The layer reads its units from the variable
 so a model built from GrowableDense never changes its code when it grows.
 
 Every unit of one kind on one layer lives in one packed set of arrays, whatever the growth
-event that added it, so that the compiled programs do not grow with the number of events:
+event that added it; each depth lists the slots of its units:
 
     gated   params/<layer>/gated_r        [C, d_in + 1]  direction of each unit slot
             params/<layer>/gated_a        [C]            output gain
     linear  params/<layer>/linear_w       [C, 2, d_in]   p+ and p-, weights
             params/<layer>/linear_b       [C, 2]         p+ and p-, offsets
     both    growth/<layer>/<kind>_index     [C] int32      neuron each slot sits on
-            growth/<layer>/<kind>_at_depth  [D, C] bool    slot c holds a unit at depth d
+            growth/<layer>/<kind>_depth_<d> [L_d] int32    the slots of the units at depth d
+            growth/<layer>/<kind>_held      [D] int32      units each depth holds (with room)
 
 A gated unit at depth d reads its neuron's output after the units at depths < d: a neuron grown
 twice gets its second unit on top of its first. The units of one depth sit on distinct neurons,
-so each depth is one gather and one scatter, and a scan over the depth axis applies them in
-order: the code is the same for any D. A depth that holds no unit (one reserved for events to
-come) is skipped at run time, in the backward pass too: with several depths, each depth's
-work is rematerialised (jax.checkpoint) instead of stored, so a skipped one has no residuals
-to fill. Linear units do not read z_j, so they all apply at once (D = 1), before the gated
-ones. Capacities C are padded to a ladder of sizes (`capacity`: powers of two and the points
-halfway between), so that events and runs that grow by different amounts often share shapes,
-and a compiled program or the persistent XLA cache serves them.
-A padded slot (a column of at_depth with no True) is exactly inert: its parameters are zero,
-its contribution and gradient are masked to zero, it is not counted as a parameter, and
+so each depth is one gather and one scatter (or their one-hot matmuls: `dispatch`). Linear
+units do not read z_j, so they all sit at depth 0, applied before the gated ones.
+
+A depth computes only the slots its list names, their parameters gathered from the pack: its
+cost is its own units', not the layer's capacity. Its list is exactly as long as its units
+(the train step compiles anew when an event adds some), except in a pack with room
+(grow.reserve_slots: a schedule's slots held from the start, one program for every event),
+whose lists are padded with C (no slot) and which counts the units each depth holds; a step
+then computes the shortest prefix of bucket_sizes that holds them, rematerialised in the
+backward pass so that the prefixes not taken keep no residuals. Slots never move, so their
+optimizer state does not; capacities C are padded to a ladder of sizes (`capacity`), and only
+the parameters' memory pays for empty slots.
+A slot that holds no unit is exactly inert: its parameters are zero, it is in no depth's list
+(so it computes nothing and gets no gradient), it is not counted as a parameter, and
 optim.adamw neither steps nor decays it.
 
 This module owns the unit variables' names, shapes, parameter counts and packed layout
@@ -66,7 +71,7 @@ CONTRIBUTION = ("intermediates", "unit_contribution")
 # The parameter fields of each unit kind, in the order add_units takes them; the first is
 # decayed like a kernel. Kinds apply in this order: linear units before gated ones read z_j.
 UNIT_KINDS = {"linear": ("w", "b"), "gated": ("r", "a")}
-INDEX, AT_DEPTH = "index", "at_depth"
+INDEX, DEPTH, HELD = "index", "depth", "held"
 MIN_CAPACITY = 8
 
 
@@ -128,13 +133,23 @@ class UnitPack(NamedTuple):
   """The units of one kind on one layer: arrays or jax.ShapeDtypeStructs."""
   kind: str
   index: Any                # [C] int32, the neuron of each slot
-  at_depth: Any             # [D, C] bool
+  depths: tuple             # per depth, [L_d] int32: the slots of its units (C: none)
+  held: Any                 # None, or [D] int32: the units of each depth (a pack with room)
   params: dict[str, Any]    # {field: array} as unit_shapes(kind, C, d_in)
 
   @property
   def live(self):
     """[C] bool: the slots that hold a unit."""
-    return jnp.any(self.at_depth, axis=0)
+    slots = jnp.concatenate([jnp.zeros(0, jnp.int32), *self.depths])
+    return jnp.zeros(np.shape(self.index), jnp.bool_).at[slots].set(True, mode="drop")
+
+  def units_per_depth(self) -> list[int]:
+    """The units at each depth, down to the deepest that holds any (host values: the held
+    counts are read where there are any)."""
+    if self.held is None:
+      return [int(np.shape(slots)[0]) for slots in self.depths]
+    held = np.asarray(self.held).tolist()
+    return held[:max((d + 1 for d, n in enumerate(held) if n), default=0)]
 
 
 class NewUnits(NamedTuple):
@@ -145,13 +160,21 @@ class NewUnits(NamedTuple):
   params: dict[str, Any]
 
 
+def depth_name(kind: str, depth: int) -> str:
+  """"gated_depth_1": the growth variable listing the slots of `kind`'s units at `depth`."""
+  return param_name(kind, f"{DEPTH}_{depth}")
+
+
 def layer_packs(params: Mapping[str, Any], growth: Mapping[str, Any]) -> dict[str, UnitPack]:
   """{kind: UnitPack} of one layer, from its params and growth collection (keyed by name)."""
   packs = {}
   for kind, fields in UNIT_KINDS.items():
     if param_name(kind, INDEX) in growth:
-      packs[kind] = UnitPack(kind, growth[param_name(kind, INDEX)],
-                             growth[param_name(kind, AT_DEPTH)],
+      depths = []
+      while depth_name(kind, len(depths)) in growth:
+        depths.append(growth[depth_name(kind, len(depths))])
+      packs[kind] = UnitPack(kind, growth[param_name(kind, INDEX)], tuple(depths),
+                             growth.get(param_name(kind, HELD)),
                              {f: params[param_name(kind, f)] for f in fields})
   return packs
 
@@ -162,7 +185,10 @@ def _split(variables) -> tuple[dict, dict]:
 
 
 def _sub(flat: Mapping[str, Any], path: str) -> dict[str, Any]:
-  return {k[len(path) + 1:]: v for k, v in flat.items() if k.rsplit("/", 1)[0] == path}
+  """The entries of the layer at `path` ("" for variables of one layer), keyed by name."""
+  prefix = path + "/" if path else ""
+  return {k[len(prefix):]: v for k, v in flat.items()
+          if k.startswith(prefix) and "/" not in k[len(prefix):]}
 
 
 def grown_layers(variables) -> dict[str, dict[str, UnitPack]]:
@@ -181,7 +207,10 @@ def set_packs(variables, packs: Mapping[str, Mapping[str, UnitPack]]):
       for field, value in pack.params.items():
         params[f"{path}/{param_name(kind, field)}"] = value
       growth[f"{path}/{param_name(kind, INDEX)}"] = pack.index
-      growth[f"{path}/{param_name(kind, AT_DEPTH)}"] = pack.at_depth
+      for depth, slots in enumerate(pack.depths):
+        growth[f"{path}/{depth_name(kind, depth)}"] = slots
+      if pack.held is not None:
+        growth[f"{path}/{param_name(kind, HELD)}"] = pack.held
   new = dict(variables)
   new["params"] = traverse_util.unflatten_dict(params, sep="/")
   if growth:
@@ -189,25 +218,44 @@ def set_packs(variables, packs: Mapping[str, Mapping[str, UnitPack]]):
   return new
 
 
-def abstract_pack(kind: str, depths: int, slots: int, d_in: int, dtype) -> UnitPack:
-  """ShapeDtypeStructs of a pack of `slots` slots and `depths` depths (rebuilding the abstract
-  grown model before a restore)."""
+def abstract_pack(kind: str, lengths: list[int], slots: int, d_in: int, dtype, room: bool
+                  ) -> UnitPack:
+  """ShapeDtypeStructs of a pack of `slots` slots whose depths list `lengths` slots each, with
+  held counts if it has `room` (rebuilding the abstract grown model before a restore)."""
   return UnitPack(kind, jax.ShapeDtypeStruct((slots,), jnp.int32),
-                  jax.ShapeDtypeStruct((depths, slots), jnp.bool_),
+                  tuple(jax.ShapeDtypeStruct((n,), jnp.int32) for n in lengths),
+                  jax.ShapeDtypeStruct((len(lengths),), jnp.int32) if room else None,
                   {f: jax.ShapeDtypeStruct(s, dtype)
                    for f, s in unit_shapes(kind, slots, d_in).items()})
 
 
-def empty_pack(kind: str, depths: int, slots: int, d_in: int, dtype) -> UnitPack:
-  """A pack of `slots` empty slots and `depths` depths: room for units before any is added."""
-  return UnitPack(kind, jnp.zeros(slots, jnp.int32), jnp.zeros((depths, slots), jnp.bool_),
+def empty_pack(kind: str, slots: int, d_in: int, dtype, room: tuple[int, ...] = ()) -> UnitPack:
+  """A pack of `slots` empty slots: room for units before any is added. With `room`, its
+  depths list that many slots each, all empty, and it counts the units each holds."""
+  return UnitPack(kind, jnp.zeros(slots, jnp.int32),
+                  tuple(jnp.full(n, slots, jnp.int32) for n in room),
+                  jnp.zeros(len(room), jnp.int32) if room else None,
                   {f: jnp.zeros(s, dtype) for f, s in unit_shapes(kind, slots, d_in).items()})
 
 
-def _pad(array, axis: int, size: int):
-  widths = [(0, 0)] * array.ndim
-  widths[axis] = (0, size - array.shape[axis])
-  return np.pad(array, widths)
+def _new_depths(pack: UnitPack, depth: np.ndarray, first: int, slots: int):
+  """(depth lists, held counts) of `pack` with the new units' slots first, first + 1, ... at
+  `depth` each, the lists' empty entries renumbered `slots` (the new capacity). A pack with
+  room writes into its lists' empty entries, lengthening a list only where they are too few;
+  one without gets lists exactly as long as their units."""
+  old = [np.asarray(d) for d in pack.depths]
+  held = [len(d) for d in old] if pack.held is None else np.asarray(pack.held).tolist()
+  count = max(len(old), int(depth.max(initial=-1)) + 1)
+  lists, counts = [], []
+  for d in range(count):
+    kept = old[d][:held[d]] if d < len(old) else np.zeros(0, np.int32)
+    added = first + np.flatnonzero(depth == d).astype(np.int32)
+    units = np.concatenate([kept, added])
+    length = max(len(old[d]) if d < len(old) and pack.held is not None else 0, len(units))
+    lists.append(np.concatenate([units, np.full(length - len(units), slots, np.int32)]))
+    counts.append(len(units))
+  return tuple(jnp.asarray(d) for d in lists), (
+      None if pack.held is None else jnp.asarray(counts, jnp.int32))
 
 
 def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_events: int
@@ -215,11 +263,10 @@ def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_ev
   """`pack` (None: empty) with the new units in its first free slots. A gated unit's depth is
   the number of gated units already on its neuron; linear units all sit at depth 0. A pack too
   small grows to room for `reserve_events` more events like this one as well (as many units
-  each, and for gated units one depth more each), its slots rounded up by `capacity`."""
+  each), its slots rounded up by `capacity`."""
   if pack is None:
-    pack = empty_pack(new.kind, 0, 0, d_in, dtype)
-  index, at_depth = np.asarray(pack.index), np.asarray(pack.at_depth)
-  live = at_depth.any(axis=0)
+    pack = empty_pack(new.kind, 0, d_in, dtype)
+  index, live = np.asarray(pack.index), np.asarray(pack.live)
   used, n = int(live.sum()), len(new.index)
   fits = 0 < len(index) and used + n <= len(index)
   slots = len(index) if fits else capacity(used + n * (1 + reserve_events))
@@ -228,18 +275,20 @@ def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_ev
     depth = np.array([np.sum(live & (index == j)) for j in new_index], np.int64)
   else:
     depth = np.zeros(n, np.int64)
-  needed = int(depth.max(initial=0)) + 1
-  depths = (at_depth.shape[0] if needed <= at_depth.shape[0]
-            else needed + (reserve_events if new.kind == "gated" else 0))
+  depths, held = _new_depths(pack, depth, used, slots)
   index = _pad(index, 0, slots)
   index[used:used + n] = new_index
-  at_depth = _pad(_pad(at_depth, 1, slots), 0, depths)
-  at_depth[depth, np.arange(used, used + n)] = True
   params = {}
   for field, value in pack.params.items():
     padded = jnp.pad(jnp.asarray(value, dtype), [(0, slots - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
     params[field] = padded.at[used:used + n].set(jnp.asarray(new.params[field], dtype))
-  return UnitPack(new.kind, jnp.asarray(index), jnp.asarray(at_depth), params)
+  return UnitPack(new.kind, jnp.asarray(index), depths, held, params)
+
+
+def _pad(array, axis: int, size: int):
+  widths = [(0, 0)] * array.ndim
+  widths[axis] = (0, size - array.shape[axis])
+  return np.pad(array, widths)
 
 
 def add_unit_packs(variables, units: Mapping[str, NewUnits], reserve_events: int = 0):
@@ -248,7 +297,7 @@ def add_unit_packs(variables, units: Mapping[str, NewUnits], reserve_events: int
   `path` is the layer's module path, "blocks_0/attn/qkv". Slots already used keep their place
   (and so their optimizer state); parameters are cast to the layer kernel's dtype. A pack that
   must grow also makes room for `reserve_events` more events adding as many units (a training
-  schedule's events still to come), so that they usually fit the same shapes: no recompile.
+  schedule's events still to come): slots that cost their parameters' memory, not compute.
   """
   params, _ = _split(variables)
   current = grown_layers(variables)
@@ -272,14 +321,15 @@ def switch_off_units(variables):
 def live_slots(variables):
   """A tree like variables["params"]: for each unit field the [C] bool of its slots that hold a
   unit, True for every other parameter (optim.adamw counts steps only where True)."""
-  growth = traverse_util.flatten_dict(variables.get(GROWTH_COLLECTION, {}), sep="/")
+  params, growth = _split(variables)
 
   def live(path, _):
     *layer, name = [k.key for k in path]
     kind = _kind_of(name)
     if kind is None:
       return jnp.bool_(True)
-    return jnp.any(growth["/".join(layer + [param_name(kind, AT_DEPTH)])], axis=0)
+    layer = "/".join(layer)
+    return layer_packs(_sub(params, layer), _sub(growth, layer))[kind].live
   return jax.tree_util.tree_map_with_path(live, variables["params"])
 
 
@@ -342,65 +392,105 @@ def linear_unit(p: jax.Array, activation: str = "gelu") -> jax.Array:
   return s(p) - s(jnp.zeros((), p.dtype)) + p
 
 
-def _projections(pack: UnitPack, dtype) -> tuple[jax.Array, jax.Array]:
-  """(weights [C, d_in], offsets [C]) of the pack's slots: r.x~ for gated units, q.x~ with
-  q = p+ + p- for linear ones."""
-  if pack.kind == "gated":
-    r = pack.params["r"].astype(dtype)
-    return r[:, :-1], r[:, -1]
-  w, b = pack.params["w"].astype(dtype), pack.params["b"].astype(dtype)
-  return w[:, 0] + w[:, 1], b[:, 0] + b[:, 1]
+# How a depth's units read and add to their neurons' rows of the layer output [d_out, tokens]:
+# "gather" (a gather and a scatter-add of whole rows) or "onehot" (two matmuls with the [n,
+# d_out] one-hot of the neurons, as JAX MoE layers route tokens). A backend picks one here; the
+# others get DEFAULT_DISPATCH. The two compute the same sums (tests); which is faster depends
+# on the backend (BENCHMARKS.md).
+DISPATCH_BY_BACKEND: dict[str, str] = {}
+DEFAULT_DISPATCH = "gather"
 
 
-def _apply_pack(yt, xt, pack: UnitPack, activation: str):
-  """yt [d_out, tokens] with the units of `pack` added: linear ones at once, gated ones depth
-  by depth (a scan that skips depths without units). Masked slots compute and add exactly 0.
+def dispatch(name: str):
+  """(take, add) of a dispatch: take(yt, neurons) -> [n, tokens], the neurons' rows;
+  add(yt, neurons, rows) -> yt with the rows added to theirs. A neuron >= d_out (a listed
+  slot that holds no unit) reads zeros and adds nothing."""
+  if name == "gather":
+    return (lambda yt, neurons: yt.at[neurons].get(mode="fill", fill_value=0),
+            lambda yt, neurons, rows: yt.at[neurons].add(rows, mode="drop"))
+  if name == "onehot":
+    hot = lambda yt, neurons: jax.nn.one_hot(neurons, yt.shape[0], dtype=yt.dtype)
+    return (lambda yt, neurons: hot(yt, neurons) @ yt,
+            lambda yt, neurons, rows: yt + hot(yt, neurons).T @ rows)
+  raise ValueError(f"unknown unit dispatch {name!r}; choose 'gather' or 'onehot'")
 
-  lax.cond alone would not skip a depth's backward: its residuals, zeros where the depth was
-  skipped, would be filled and kept for every depth. With several depths each is therefore
-  rematerialised (jax.checkpoint), which leaves none; a single depth keeps its two slopes, which
-  costs less than recomputing the activations (BENCHMARKS.md)."""
-  weights, offsets = _projections(pack, yt.dtype)
+
+def backend_dispatch() -> str:
+  """The dispatch of the backend JAX computes on (DISPATCH_BY_BACKEND)."""
+  return DISPATCH_BY_BACKEND.get(jax.default_backend(), DEFAULT_DISPATCH)
+
+
+def _add_depth(yt, xt, kind: str, index, params: dict, slots, activation: str, how: str):
+  """yt [d_out, tokens] plus the units in `slots` (one depth: distinct neurons, or linear units,
+  which do not read yt), projected from xt [d_in, tokens]. Only these slots compute; a listed
+  entry >= C (no unit) has zero parameters and adds exactly 0."""
+  take, add = dispatch(how)
+  rows = {f: v.at[slots].get(mode="fill", fill_value=0).astype(yt.dtype) for f, v in params.items()}
+  neurons = index.at[slots].get(mode="fill", fill_value=yt.shape[0])
+  if kind == "gated":
+    weights, offsets = rows["r"][:, :-1], rows["r"][:, -1]
+  else:
+    weights, offsets = rows["w"][:, 0] + rows["w"][:, 1], rows["b"][:, 0] + rows["b"][:, 1]
   p = weights @ xt + offsets[:, None]
-  if pack.kind == "linear":
-    return yt.at[pack.index].add(jnp.where(pack.live[:, None], linear_unit(p, activation), 0))
-  gain = pack.params["a"].astype(yt.dtype)[:, None]
+  if kind == "linear":
+    return add(yt, neurons, linear_unit(p, activation))
+  return add(yt, neurons, rows["a"][:, None] * skip_unit(take(yt, neurons), p, activation))
 
-  def add(yt, at_depth):
-    unit = gain * skip_unit(yt[pack.index], p, activation)
-    return yt.at[pack.index].add(jnp.where(at_depth[:, None], unit, 0))
 
-  if pack.at_depth.shape[0] > 1:
-    add = jax.checkpoint(add)
+def bucket_sizes(length: int) -> list[int]:
+  """The prefixes of a depth list with room that a step may compute: 0, then MIN_CAPACITY
+  doubling up to the list's length, so that a depth costs at most twice its units."""
+  sizes, size = [0], MIN_CAPACITY
+  while size < length:
+    sizes.append(size)
+    size *= 2
+  return sizes + [length] if length else sizes
 
-  def add_depth(yt, at_depth):
-    return lax.cond(jnp.any(at_depth), add, lambda yt, _: yt, yt, at_depth), None
-  return lax.scan(add_depth, yt, pack.at_depth)[0]
+
+def _add_depth_with_room(yt, xt, kind, index, params, slots, held, activation, how):
+  """_add_depth on the shortest prefix of `slots` that holds its `held` units (bucket_sizes,
+  chosen at run time). Each prefix is rematerialised in the backward pass: a branch not taken
+  then fills no residuals."""
+  sizes = bucket_sizes(slots.shape[0])
+
+  def branch(size):
+    def run(yt, xt, params):
+      return _add_depth(yt, xt, kind, index, params, slots[:size], activation, how)
+    return (lambda yt, xt, params: yt) if size == 0 else jax.checkpoint(run)
+  which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), held)
+  return lax.switch(which, [branch(size) for size in sizes], yt, xt, params)
 
 
 def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gelu"):
   """Applies the packs to y [..., d_out] (linear units, then gated ones by depth); x [..., d_in]
-  is the layer's input. One matmul on x per kind (x~ = [x, 1] is never built: the offsets are
-  added); masked slots add exactly 0 and get no gradient. Never a loop over neurons.
+  is the layer's input. A depth computes only the slots its list names: as many as its units,
+  or in a pack with room (held counts) the shortest of bucket_sizes' prefixes that holds
+  them. Never a loop over neurons.
 
   The work runs neuron-major, [d_out, tokens]: each gather and scatter then moves whole rows
   of tokens, where along the last axis every element is its own scatter index (on CPU those
   cost more than the units' arithmetic; BENCHMARKS.md)."""
-  arrays = {kind: (pack.index, pack.at_depth, pack.params) for kind, pack in packs.items()}
-  return _apply_unit_packs(y, x, arrays, activation)
+  arrays = {kind: (pack.index, pack.depths, pack.held, pack.params) for kind, pack in packs.items()}
+  return _apply_unit_packs(y, x, arrays, activation, backend_dispatch())
 
 
-# A jit of its own, so that layers of equal shapes trace and differentiate their units' scan,
-# conds and remat once per program instead of once per layer, which was most of the train
-# step's tracing (BENCHMARKS.md). XLA inlines it: the compiled program is the same.
-@functools.partial(jax.jit, static_argnames="activation")
-def _apply_unit_packs(y, x, arrays: dict[str, tuple], activation: str):
+# A jit of its own, so that layers of equal shapes trace and differentiate their units once
+# per program instead of once per layer (BENCHMARKS.md). XLA inlines it: the compiled program
+# is the same.
+@functools.partial(jax.jit, static_argnames=("activation", "how"))
+def _apply_unit_packs(y, x, arrays: dict[str, tuple], activation: str, how: str):
   lead, d_out = y.shape[:-1], y.shape[-1]
   yt = y.reshape(-1, d_out).T
   xt = x.reshape(-1, x.shape[-1]).T
   for kind in UNIT_KINDS:
     if kind in arrays:
-      yt = _apply_pack(yt, xt, UnitPack(kind, *arrays[kind]), activation)
+      index, depths, held, params = arrays[kind]
+      for depth, slots in enumerate(depths):
+        if held is None:
+          yt = _add_depth(yt, xt, kind, index, params, slots, activation, how)
+        else:
+          yt = _add_depth_with_room(yt, xt, kind, index, params, slots, held[depth], activation,
+                                    how)
   return yt.T.reshape(lead + (d_out,))
 
 

@@ -1,5 +1,5 @@
 """Architecture summary of a (grown) model as JSON: base widths, and per layer and unit kind
-the units at each depth and the slots that hold them.
+the units at each depth, the slots that hold them and, in a pack with room, each depth's room.
 
 Stored in every checkpoint so that the grown model's abstract variables can be rebuilt
 before restoring into them: `abstract_variables(spec, base)` adds the unit packs to the
@@ -14,10 +14,12 @@ import numpy as np
 
 from hetscale_jax import layers, sharding
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Formats 1 and 2 stored one set of arrays per growth event ("units{k}_r", ...); format 3
-# packs each kind's units into one set per layer. A model without units reads the same in all.
-_READABLE = {1, 2, FORMAT_VERSION}
+# packed each kind's units into one set per layer with a [depths, slots] mask of where each
+# unit sits; format 4 lists each depth's slots (layers.py). A model without units reads the
+# same in all.
+_READABLE = {1, 2, 3, FORMAT_VERSION}
 
 
 def _growth_on_host(variables):
@@ -46,16 +48,19 @@ def _layer_kernels(params) -> dict[str, tuple[int, int]]:
 
 def from_variables(variables) -> dict:
   """{"format", "layers": {path: {"d_in", "d_out", "units": {kind: [units at each depth]},
-  "slots": {kind: slots}}}} for every dense layer (2-d kernel); "units" and "slots" are empty
-  for a layer that never grew."""
+  "slots": {kind: slots}, "room": {kind: [slots each depth lists]}}}} for every dense layer
+  (2-d kernel); "room" names only the packs with room (grow.reserve_slots), whose depths list
+  more slots than they hold units; all three are empty for a layer that never grew."""
   grown = layers.grown_layers(_growth_on_host(variables))
   summary = {}
   for path, (d_in, d_out) in sorted(_layer_kernels(variables["params"]).items()):
     packs = grown.get(path, {})
     summary[path] = {
         "d_in": d_in, "d_out": d_out,
-        "units": {kind: np.sum(np.asarray(p.at_depth), axis=1).tolist() for kind, p in packs.items()},
-        "slots": {kind: int(np.shape(p.index)[0]) for kind, p in packs.items()}}
+        "units": {kind: p.units_per_depth() for kind, p in packs.items()},
+        "slots": {kind: int(np.shape(p.index)[0]) for kind, p in packs.items()},
+        "room": {kind: [int(np.shape(d)[0]) for d in p.depths] for kind, p in packs.items()
+                 if p.held is not None}}
   return {"format": FORMAT_VERSION, "layers": summary}
 
 
@@ -69,20 +74,23 @@ def from_json(text: str) -> dict:
 
 
 def upgrade(spec: dict) -> dict:
-  """A spec of any readable format in the current one. A format 1 or 2 spec of a grown model
-  is refused: its units are stored per event, which this version does not read."""
+  """A spec of any readable format in the current one. A grown model of an earlier format is
+  refused: its units are stored in another layout, which this version does not read."""
   if spec.get("format") not in _READABLE:
     raise ValueError(f"architecture spec format {spec.get('format')!r} is not one of the "
                      f"supported {sorted(_READABLE)}")
   if spec["format"] == FORMAT_VERSION:
     return spec
   if any(layer["units"] for layer in spec["layers"].values()):
+    layout = ("per growth event" if spec["format"] < 3 else
+              "packed per layer with a mask of depths over all slots")
     raise ValueError(
-        f"this checkpoint stores its units per growth event (architecture format "
-        f"{spec['format']}), this version packs them per layer (format {FORMAT_VERSION}): "
-        "resume or export it with the release that wrote it")
+        f"this checkpoint stores its units {layout} (architecture format {spec['format']}), "
+        f"this version lists each depth's slots (format {FORMAT_VERSION}): resume or export it "
+        "with the release that wrote it")
   return {"format": FORMAT_VERSION, "layers": {
-      path: {"d_in": layer["d_in"], "d_out": layer["d_out"], "units": {}, "slots": {}}
+      path: {"d_in": layer["d_in"], "d_out": layer["d_out"], "units": {}, "slots": {},
+             "room": {}}
       for path, layer in spec["layers"].items()}}
 
 
@@ -96,8 +104,9 @@ def abstract_variables(spec: dict, base):
       raise ValueError(f"spec layer {path!r} is {layer['d_in']}x{layer['d_out']} but the model "
                        f"has {kernels.get(path)}: the checkpoint belongs to another architecture")
   return layers.set_packs(base, {
-      path: {kind: layers.abstract_pack(kind, len(per_depth), layer["slots"][kind],
-                                        layer["d_in"], params[f"{path}/kernel"].dtype)
+      path: {kind: layers.abstract_pack(kind, layer["room"].get(kind, per_depth),
+                                        layer["slots"][kind], layer["d_in"],
+                                        params[f"{path}/kernel"].dtype, kind in layer["room"])
              for kind, per_depth in layer["units"].items()}
       for path, layer in spec["layers"].items() if layer["units"]})
 

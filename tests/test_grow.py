@@ -313,7 +313,8 @@ def test_growing_twice_stacks_units_by_depth(x64):
     np.testing.assert_array_equal(np.asarray(pack.index)[n:n + len(second)], second)
     if n:  # the first units keep their slots
       np.testing.assert_array_equal(pack.params["r"][:n], once["params"][path]["gated_r"][:n])
-      np.testing.assert_array_equal(np.asarray(pack.at_depth)[1, n:n + len(second)], stacked)
+      np.testing.assert_array_equal(pack.depths[1] if len(pack.depths) > 1 else [],
+                                    n + np.flatnonzero(stacked))
   assert any(len(s["units"]["gated"]) == 2 for s in summary.values())  # some neuron stacks
   apply = jax.jit(problem.model.apply)
   inputs = problem.batch[0]
@@ -336,9 +337,13 @@ def test_slots_reserved_for_a_schedule_hold_every_event_unchanged(x64, unit):
   assert sorted(packs) == ["dense_0", "dense_1"]
   for path, d_out in (("dense_0", 7), ("dense_1", 6)):
     pack = packs[path][unit]
-    assert pack.at_depth.shape == ((events if unit == "gated" else 1),
-                                   layers.capacity(events * max(1, int(fraction * d_out))))
-    assert not np.any(pack.at_depth)
+    cap = max(1, int(fraction * d_out))
+    assert pack.index.shape == (layers.capacity(events * cap),)
+    # Depth d holds at most cap (events - d) gated units, on distinct neurons.
+    room = ([min(d_out, cap * (events - d)) for d in range(events)] if unit == "gated"
+            else [events * cap])
+    assert [len(d) for d in pack.depths] == room
+    assert not np.any(pack.live) and not np.any(pack.held)
   apply = jax.jit(problem.model.apply)
   inputs = problem.batch[0]
   np.testing.assert_array_equal(apply(reserved, inputs), apply(problem.variables, inputs))

@@ -187,17 +187,16 @@ def test_units_stack_by_depth_in_padded_slots():
   slots = layers.capacity(5)
   assert slots == layers.MIN_CAPACITY
   np.testing.assert_array_equal(growth["gated_index"], [4, 1, 1, 2, 4] + [0] * (slots - 5))
-  at_depth = np.zeros((2, slots), bool)
-  at_depth[0, [0, 1, 3]] = True  # first units on 4, 1 and 2
-  at_depth[1, [2, 4]] = True      # the second units on 1 and 4
-  np.testing.assert_array_equal(growth["gated_at_depth"], at_depth)
+  np.testing.assert_array_equal(growth["gated_depth_0"], [0, 1, 3])  # first units on 4, 1, 2
+  np.testing.assert_array_equal(growth["gated_depth_1"], [2, 4])     # the second on 1 and 4
+  assert "gated_depth_2" not in growth and "gated_held" not in growth
   assert [layers.capacity(n) for n in (0, 1, 8, 9, 13, 17, 25, 33, 100)] == [
       8, 8, 8, 12, 16, 24, 32, 48, 128]
 
 
-def test_a_pack_that_grows_reserves_room_for_the_events_to_come():
-  """Events like the first fit the shapes it chose (no recompile); a pack only grows when the
-  units do not fit, and then reserves again."""
+def test_a_pack_that_grows_reserves_slots_for_the_events_to_come():
+  """Events like the first fit the slots it chose; a pack only grows when the units do not fit,
+  and then reserves again. Each depth lists exactly its units, whatever the slots."""
   rng = np.random.default_rng(0)
   variables = {"params": {"dense": _base_params(jnp.float32)}}
 
@@ -206,16 +205,17 @@ def test_a_pack_that_grows_reserves_room_for_the_events_to_come():
     units = layers.NewUnits("gated", np.asarray(index), {
         "r": rng.normal(size=(n, D_IN + 1)).astype(np.float32), "a": np.zeros(n, np.float32)})
     out = layers.add_unit_packs(variables, {"dense": units}, reserve_events)
-    return out, out[layers.GROWTH_COLLECTION]["dense"]["gated_at_depth"].shape
+    pack = layers.grown_layers(out)["dense"]["gated"]
+    return out, (pack.index.shape[0], [d.shape[0] for d in pack.depths])
 
-  variables, shape = add([0, 1, 2, 3, 4], reserve_events=2)  # room for 15 units, 3 depths
-  assert shape == (3, 16)
+  variables, shape = add([0, 1, 2, 3, 4], reserve_events=2)  # room for 15 units
+  assert shape == (16, [5])
   variables, shape = add([0, 1, 2, 3, 4], reserve_events=1)  # depth 1: fits
-  assert shape == (3, 16)
-  variables, shape = add([0, 1, 2, 3, 4, 5], reserve_events=0)  # 16 units, depth 2: fits
-  assert shape == (3, 16)
-  variables, shape = add([0], reserve_events=1)  # 17 units at depth 3: grows, reserving again
-  assert shape == (5, 24)
+  assert shape == (16, [5, 5])
+  variables, shape = add([0, 1, 2, 3, 4, 5], reserve_events=0)  # 16 units: fits
+  assert shape == (16, [6, 5, 5])
+  variables, shape = add([0], reserve_events=1)  # 17 units, depth 3: grows, reserving again
+  assert shape == (24, [6, 5, 5, 1])
 
 
 @pytest.mark.parametrize("kind", ["gated", "linear"])
@@ -258,3 +258,77 @@ def test_padded_slots_are_inert(kind):
     assert np.any(np.asarray(params[name][:3]) != np.asarray(variables["params"][name][:3])), name
     np.testing.assert_array_equal(adam.count[name], [3, 3, 3] + [0] * (layers.MIN_CAPACITY - 3))
     assert np.all(np.asarray(adam.mu[name][3:]) == 0) and np.all(np.asarray(adam.nu[name][3:]) == 0)
+
+
+def _one_layer(variables):
+  """{collection: the "dense" layer's variables}: what GrowableDense.apply takes."""
+  return {name: tree["dense"] for name, tree in variables.items()}
+
+
+def _three_depths(dtype):
+  """Variables of one GrowableDense with gated units at three depths (exact lists), and the
+  same units in a pack with room: every depth listing 7 slots (empty ones padded)."""
+  base = _base_params(dtype)
+  stages = [_random_stage(np.array([4, 1, 0]), 30, dtype),
+            _random_stage(np.array([1, 2, 4]), 31, dtype),
+            _random_stage(np.array([1]), 32, dtype)]
+  exact = _variables_with_stages(base, stages)
+  room = layers.empty_pack("gated", layers.capacity(7), D_IN, dtype, room=(7, 7, 7))
+  held = {"params": {"dense": base}}
+  held = layers.set_packs(held, {"dense": {"gated": room}})
+  for index, r, a in stages:
+    held = layers.add_unit_packs(held, {"dense": layers.NewUnits("gated", index, {"r": r, "a": a})})
+  held = _one_layer(held)
+  return exact, held
+
+
+def test_a_pack_with_room_computes_what_exact_lists_compute(x64):
+  """Lists padded to a schedule's room (held counts, prefixes chosen at run time) give the
+  values and gradients that lists as long as their units give."""
+  exact, held = _three_depths(jnp.float64)
+  assert [len(d) for d in layers.layer_packs(held["params"], held["growth"])["gated"].depths] == [7, 7, 7]
+  np.testing.assert_array_equal(held["growth"]["gated_held"], [4, 2, 1])
+  assert layers.bucket_sizes(7) == [0, 7] and layers.bucket_sizes(20) == [0, 8, 16, 20]
+  x = _inputs(jnp.float64)
+  apply = jax.jit(GrowableDense(D_OUT).apply)
+  loss = lambda params, v: jnp.sum(jnp.sin(apply({**v, "params": params}, x)))
+  np.testing.assert_allclose(apply(held, x), apply(exact, x), rtol=0, atol=1e-12)
+  g_exact, g_held = jax.grad(loss)(exact["params"], exact), jax.grad(loss)(held["params"], held)
+  for name, value in g_exact.items():
+    np.testing.assert_allclose(g_held[name], value, rtol=0, atol=1e-12, err_msg=name)
+
+
+def test_the_two_dispatches_compute_the_same(x64, monkeypatch):
+  """Gather and scatter, or one-hot matmuls: the same values and gradients, also where a list
+  names no slot (a pack with room)."""
+  x = _inputs(jnp.float64)
+  for variables in _three_depths(jnp.float64):
+    results = {}
+    for how in ("gather", "onehot"):
+      monkeypatch.setattr(layers, "DEFAULT_DISPATCH", how)
+      apply = jax.jit(GrowableDense(D_OUT).apply)
+      loss = lambda params: jnp.sum(jnp.sin(apply({**variables, "params": params}, x)))
+      results[how] = (apply(variables, x), jax.grad(loss)(variables["params"]))
+    np.testing.assert_allclose(results["onehot"][0], results["gather"][0], rtol=0, atol=1e-12)
+    for name, value in results["gather"][1].items():
+      np.testing.assert_allclose(results["onehot"][1][name], value, rtol=0, atol=1e-12)
+  with pytest.raises(ValueError, match="unknown unit dispatch"):
+    layers.dispatch("scatter")
+
+
+def test_only_the_units_compute_not_the_slots():
+  """XLA's flop count of a layer with 3 units in 96 slots (room for later events) is that of
+  the same 3 units in 8 slots: empty slots cost no compute."""
+  base = _base_params(jnp.float32)
+  x = _inputs(jnp.float32, shape=(64, D_IN))
+  index, r, a = _random_stage(np.array([4, 1, 0]), 40, jnp.float32)
+
+  def flops(reserve_events):
+    variables = layers.add_unit_packs({"params": {"dense": base}}, {
+        "dense": layers.NewUnits("gated", index, {"r": r, "a": a})}, reserve_events)
+    variables = _one_layer(variables)
+    loss = lambda p: jnp.sum(GrowableDense(D_OUT).apply({**variables, "params": p}, x) ** 2)
+    return jax.jit(jax.grad(loss)).lower(variables["params"]).compile().cost_analysis()["flops"]
+  slots_of = lambda n: layers.capacity(3 * (1 + n))
+  assert slots_of(30) >= 12 * slots_of(0)
+  assert flops(30) < 1.05 * flops(0)

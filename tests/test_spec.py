@@ -60,18 +60,24 @@ def test_json_round_trip_rebuilds_abstract_variables():
   assert "units" in spec.describe(restored) and spec.describe(plain) == "(no units)"
 
 
-@pytest.mark.parametrize("old_format", [1, 2])
-def test_per_event_formats_read_when_ungrown_and_are_refused_when_grown(old_format):
+@pytest.mark.parametrize("old_format", [1, 2, 3])
+def test_earlier_formats_read_when_ungrown_and_are_refused_when_grown(old_format):
+  """Formats 1 and 2 (units per event) and 3 (one mask of depths over all slots): a model
+  without units reads, a grown one is refused with a message naming both formats."""
   problem, grown, _ = _grown_twice()
-  kinds = {"kinds": []} if old_format == 2 else {}
+  fields = {1: {}, 2: {"kinds": []}, 3: {"slots": {}}}[old_format]
   ungrown = {"format": old_format, "layers": {
-      p: {"d_in": layer["d_in"], "d_out": layer["d_out"], "units": [], **kinds}
+      p: {"d_in": layer["d_in"], "d_out": layer["d_out"],
+          "units": {} if old_format == 3 else [], **fields}
       for p, layer in spec.from_variables(problem.variables)["layers"].items()}}
   assert spec.from_json(spec.to_json(ungrown)) == spec.from_variables(problem.variables)
+  units = {3: {"units": {"gated": [3]}, "slots": {"gated": 8}}, 2: {"units": [3], "kinds": ["gated"]},
+           1: {"units": [3]}}[old_format]
   grown_old = {**ungrown, "layers": {**ungrown["layers"], "blocks_0/mlp/fc2": {
-      **ungrown["layers"]["blocks_0/mlp/fc2"], "units": [3], **({"kinds": ["gated"]} if kinds else {})}}}
-  with pytest.raises(ValueError, match=f"per growth event \\(architecture format {old_format}\\).*"
-                                       f"packs them per layer \\(format {spec.FORMAT_VERSION}\\)"):
+      **ungrown["layers"]["blocks_0/mlp/fc2"], **units}}}
+  layout = "per growth event" if old_format < 3 else "packed per layer with a mask"
+  with pytest.raises(ValueError, match=f"{layout}.*\\(architecture format {old_format}\\).*"
+                                       f"lists each depth's slots \\(format {spec.FORMAT_VERSION}\\)"):
     spec.from_json(spec.to_json(grown_old))
 
 
