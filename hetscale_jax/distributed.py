@@ -12,8 +12,13 @@ A plain single-process run (a laptop, a multi-GPU host) initializes nothing.
 
 from collections.abc import Mapping
 import os
+import threading
+import time
 
 import jax
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
+import numpy as np
 
 try:  # private: JAX has no public "is this a Cloud TPU VM"; see on_cloud_tpu_vm
   from jax._src import cloud_tpu_init as _cloud_tpu_init
@@ -54,10 +59,81 @@ def initialize_arguments(environ: Mapping[str, str]) -> dict:
   return {arg: int(environ[name]) for arg, name in names.items() if name in environ}
 
 
+# How long the coordination service waits for a silent process before it stops the others
+# (JAX's default is 100 s): the bound on how long survivors of a lost process can hang.
+HEARTBEAT_TIMEOUT_SECONDS = 30
+# Each process's own beat in the coordination service's key-value store, so that a survivor
+# can name the lost process (the collective that fails first does not say which peer left).
+_BEAT_KEY = "hetscale_jax/beat/"
+_BEAT_SECONDS = 0.5
+
+
 def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
   """Initializes jax.distributed if this is one process of several; returns the launcher."""
   environ = os.environ if environ is None else environ
   kind = launcher(environ, on_cloud_tpu_vm())
   if kind is not None:
-    jax.distributed.initialize(**initialize_arguments(environ))
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
+                               **initialize_arguments(environ))
+    threading.Thread(target=_beat, daemon=True, name="hetscale_jax beat").start()
   return kind
+
+
+def _client():
+  return jax_distributed.global_state.client  # private: JAX exposes its key-value store nowhere else
+
+
+def _beat():
+  key, count = f"{_BEAT_KEY}{jax.process_index()}", 0
+  while True:
+    count += 1
+    try:
+      _client().key_value_set(key, str(count), allow_overwrite=True)
+    except Exception:  # the service is gone (process 0 lost): lost_processes names it
+      return
+    time.sleep(_BEAT_SECONDS)
+
+
+def _beats() -> dict[int, str]:
+  return {int(k.rsplit("/", 1)[-1]): v for k, v in _client().key_value_dir_get(_BEAT_KEY)}
+
+
+def lost_processes() -> list[int]:
+  """The processes of this run that stopped beating (process 0 if the coordination service it
+  runs is unreachable); [] in a single-process run or if all are alive."""
+  if jax.process_count() == 1 or _client() is None:
+    return []
+  try:
+    before = _beats()
+    time.sleep(4 * _BEAT_SECONDS)
+    after = _beats()
+  except Exception:
+    return [0]
+  return [i for i in range(jax.process_count())
+          if i != jax.process_index() and before.get(i) == after.get(i)]
+
+
+def broadcast_text(text: str, source: int = 0) -> str:
+  """Process `source`'s `text` on every process (the others' `text` is ignored): how one
+  process's decision reaches the rest, which must not learn it by reading a shared file that
+  may or may not be written yet."""
+  if jax.process_count() == 1:
+    return text
+  is_source = jax.process_index() == source
+  data = np.frombuffer(text.encode(), np.uint8) if is_source else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size), is_source=is_source))
+  buffer = data if is_source else np.zeros(size, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer, is_source=is_source),
+                          np.uint8)).decode()
+
+
+def first_error(error: str | None) -> str | None:
+  """The error of the lowest process that has one, on every process (None if none has):
+  every process raises it together, so none waits at a barrier the others never reach."""
+  if jax.process_count() == 1:
+    return error
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+  if not failed.any():
+    return None
+  source = int(np.argmax(failed))
+  return broadcast_text(error or "", source=source)
