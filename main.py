@@ -17,7 +17,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 # The parser DEFINE_config_file uses, public in the module that defines it.
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
@@ -86,23 +85,9 @@ def main(argv):
   except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, workdir_lib.WorkdirError,
           checkpoint.CheckpointError, train.NonFiniteError) as e:
     sys.exit(f"error: {e}")
-  except Exception as e:
-    exit_if_a_process_is_lost(e)
+  except Exception:
+    distributed.wait_for_watchdog()  # a lost process ends this one here, with its own line
     raise
-
-
-def exit_if_a_process_is_lost(error: Exception) -> None:
-  """Ends this process with one line if `error` came from losing another process of the run.
-
-  Exits at once: JAX's shutdown would otherwise wait for the lost process at a barrier until
-  the coordination service gives it up (distributed.HEARTBEAT_TIMEOUT_SECONDS).
-  """
-  if lost := distributed.lost_processes():
-    print(f"error: process {jax.process_index()} lost process(es) {lost} of the run "
-          f"({type(error).__name__}); nothing was saved since the last checkpoint. Relaunch every "
-          "process with the same command: the run resumes from its newest checkpoint.",
-          file=sys.stderr, flush=True)
-    os._exit(1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ A plain single-process run (a laptop, a multi-GPU host) initializes nothing.
 
 from collections.abc import Mapping
 import os
+import sys
 import threading
 import time
 
@@ -60,57 +61,68 @@ def initialize_arguments(environ: Mapping[str, str]) -> dict:
 
 
 # How long the coordination service waits for a silent process before it stops the others
-# (JAX's default is 100 s): the bound on how long survivors of a lost process can hang.
+# (JAX's default is 100 s), and how long a process may go without beating before the others
+# take it for lost and end themselves: the watchdog's bound comes first.
 HEARTBEAT_TIMEOUT_SECONDS = 30
-# Each process's own beat in the coordination service's key-value store, so that a survivor
-# can name the lost process (the collective that fails first does not say which peer left).
+LOST_AFTER_SECONDS = 10
 _BEAT_KEY = "hetscale_jax/beat/"
 _BEAT_SECONDS = 0.5
 
 
 def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
-  """Initializes jax.distributed if this is one process of several; returns the launcher."""
+  """Initializes jax.distributed if this is one process of several, and starts its watchdog;
+  returns the launcher."""
   environ = os.environ if environ is None else environ
   kind = launcher(environ, on_cloud_tpu_vm())
   if kind is not None:
     jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
                                **initialize_arguments(environ))
-    threading.Thread(target=_beat, daemon=True, name="hetscale_jax beat").start()
+    threading.Thread(target=_watchdog, daemon=True, name="hetscale_jax watchdog").start()
   return kind
 
 
-def _client():
-  return jax_distributed.global_state.client  # private: JAX exposes its key-value store nowhere else
+def _watchdog():
+  """Beats in the coordination service's key-value store and watches the others' beats.
 
-
-def _beat():
-  key, count = f"{_BEAT_KEY}{jax.process_index()}", 0
+  When another process stops beating, ends this one with one line naming it. Wherever this
+  process waits for the lost one (a collective, a barrier, a checkpoint's commit), it would
+  otherwise wait until the coordination service gives the lost one up, and end without
+  saying which process was lost or what to do.
+  """
+  client = jax_distributed.global_state.client  # private: JAX exposes its store nowhere else
+  me = jax.process_index()
+  others = [i for i in range(jax.process_count()) if i != me]
+  changed = {i: (None, time.monotonic()) for i in others}  # process: (last beat, when it changed)
+  beat = 0
   while True:
-    count += 1
+    beat += 1
     try:
-      _client().key_value_set(key, str(count), allow_overwrite=True)
-    except Exception:  # the service is gone (process 0 lost): lost_processes names it
-      return
+      client.key_value_set(f"{_BEAT_KEY}{me}", str(beat), allow_overwrite=True)
+      beats = dict(client.key_value_dir_get(_BEAT_KEY))
+    except Exception:  # the coordination service is gone with process 0, which runs it
+      _end_lost([0])
+    now = time.monotonic()
+    for i in others:
+      if beats.get(f"{_BEAT_KEY}{i}") != changed[i][0]:
+        changed[i] = (beats.get(f"{_BEAT_KEY}{i}"), now)
+    if lost := [i for i in others if now - changed[i][1] > LOST_AFTER_SECONDS]:
+      _end_lost(lost)
     time.sleep(_BEAT_SECONDS)
 
 
-def _beats() -> dict[int, str]:
-  return {int(k.rsplit("/", 1)[-1]): v for k, v in _client().key_value_dir_get(_BEAT_KEY)}
+def _end_lost(lost: list[int]):
+  print(f"error: process {jax.process_index()} lost process(es) {lost} of the run; nothing "
+        "was saved since the last checkpoint. Relaunch every process with the same command: "
+        "the run resumes from its newest checkpoint.", file=sys.stderr, flush=True)
+  os._exit(1)
 
 
-def lost_processes() -> list[int]:
-  """The processes of this run that stopped beating (process 0 if the coordination service it
-  runs is unreachable); [] in a single-process run or if all are alive."""
-  if jax.process_count() == 1 or _client() is None:
-    return []
-  try:
-    before = _beats()
-    time.sleep(4 * _BEAT_SECONDS)
-    after = _beats()
-  except Exception:
-    return [0]
-  return [i for i in range(jax.process_count())
-          if i != jax.process_index() and before.get(i) == after.get(i)]
+def wait_for_watchdog():
+  """Returns once the watchdog has had time to end this process for a lost one: called before
+  reporting an error that losing a process may have caused, so that a lost process gives the
+  watchdog's one line, not that error."""
+  if jax.process_count() > 1:
+    time.sleep(LOST_AFTER_SECONDS + 4 * _BEAT_SECONDS)
 
 
 def broadcast_text(text: str, source: int = 0) -> str:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -37,7 +38,7 @@ from hetscale_jax import workdir as workdir_lib
 from conftest import TINY_RUN_GROUP, assert_bitwise_equal, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PARAM_TOL, EVAL_RTOL = 2e-5, 1e-5
+PARAM_TOL, EVAL_RTOL = 1e-3, 1e-5
 STARTS = {"together": (0, 0.0), "process 1 late": (0, 4.0), "process 0 late": (1, 4.0)}
 # The storm: log and save every few steps, so that kills land in steps and in writes (fields
 # a resumed run may change: the numbers are the uninterrupted run's).
@@ -103,13 +104,9 @@ def run_pair(workdir, cache, logs, overrides=(), **start) -> list[str]:
 
 
 def _max_diff(a, b) -> float:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)),
-                          initial=0.0)) for x, y in zip(_leaves(a), _leaves(b)))
-
-
-def _leaves(tree):
-  import jax  # the test process's own jax, for tree utilities only
-  return jax.tree.leaves(tree)
+                          initial=0.0)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +135,8 @@ def test_two_processes_grow_checkpoint_and_finish_in_any_starting_order(two_proc
     assert final.step == 88
     assert _max_diff(final.variables["params"], reference.variables["params"]) < PARAM_TOL, name
     assert_bitwise_equal(final.variables["growth"], reference.variables["growth"])
-  assert first["eval"]["top1"] == ref["eval"]["top1"]
+  for k in ("top1", "top5", "count"):
+    assert first["eval"][k] == ref["eval"][k]
   np.testing.assert_allclose(first["eval"]["loss"], ref["eval"]["loss"], rtol=EVAL_RTOL)
 
 
@@ -182,17 +180,20 @@ def test_a_workdir_the_processes_do_not_share_is_refused_with_nothing_written(tm
   assert not own_disks[0].exists() and not own_disks[1].exists()
 
 
-def _wait_for_line(pair: Pair, pattern: str, after: int = 0, timeout: float = 300) -> bool:
-  """Waits until process 0 prints a line matching `pattern` past character `after` of its
-  log; False if a process ended first."""
+def _wait_until(pair: Pair, condition, timeout: float = 300) -> bool:
+  """Polls every 2 ms until condition(pair); False if a process ended first."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    if re.search(pattern, pair.output(0)[after:], re.MULTILINE):
+    if condition(pair):
       return True
     if any(p.poll() is not None for p in pair.procs):
       return False
-    time.sleep(0.05)
-  raise TimeoutError(f"no line matching {pattern!r} in {timeout} s")
+    time.sleep(0.002)
+  raise TimeoutError(f"process 0 did not get there in {timeout} s")
+
+
+def _wait_for_line(pair: Pair, pattern: str) -> bool:
+  return _wait_until(pair, lambda pair: re.search(pattern, pair.output(0), re.MULTILINE))
 
 
 def test_a_lost_process_ends_the_other_with_one_line_naming_it(tmp_path, xla_cache):
@@ -204,9 +205,9 @@ def test_a_lost_process_ends_the_other_with_one_line_naming_it(tmp_path, xla_cac
   ended_after = time.monotonic() - killed
   lines = [l for l in pair.output(0).splitlines() if l.startswith("error: ")]
   assert lines == [lines[0]] and re.fullmatch(
-      r"error: process 0 lost process\(es\) \[1\] of the run \(\w+\); .* Relaunch every "
+      r"error: process 0 lost process\(es\) \[1\] of the run; .* Relaunch every "
       r"process with the same command: the run resumes from its newest checkpoint\.", lines[0])
-  assert ended_after < distributed.HEARTBEAT_TIMEOUT_SECONDS
+  assert ended_after < distributed.LOST_AFTER_SECONDS + 2
 
 
 # ---------------------------------------------------------------------------- the kill storm
@@ -225,17 +226,18 @@ def _resumed_step(output: str) -> int:
   return int(match.group(1)) if match else 0
 
 
-def _trigger(moment: str, resumed: int, rng: random.Random) -> tuple[str, float]:
-  """(pattern of process 0's line to wait for, seconds to wait after it) for a kill at
+def _trigger(moment: str, resumed: int, workdir: pathlib.Path, rng: random.Random):
+  """(condition of the launch to wait for, seconds to wait after it) for a kill at
   `moment` of a launch that resumed at step `resumed`."""
+  line = lambda pattern: lambda pair: re.search(pattern, pair.output(0), re.MULTILINE)
   pending = [e for e in EVENTS if e > resumed]
   if moment == "growth event" and pending:  # the event starts right after its step's line
-    return rf"^step +{pending[0]}/", rng.uniform(0.0, 1.0)
-  if moment == "checkpoint write" and pending:  # the save right after the event
-    return r"^growth at step", rng.uniform(0.0, 0.3)
+    return line(rf"^step +{pending[0]}/"), rng.uniform(0.0, 1.0)
+  if moment == "checkpoint write":  # while orbax writes its temporary directory
+    return lambda pair: _saving(workdir), 0.0
   if moment == "start-up":
-    return r"^DeiT-", rng.uniform(0.0, 1.0)
-  return rf"^step +{resumed + 2 * rng.randint(1, 3)}/", rng.uniform(0.0, 0.5)
+    return line(r"^DeiT-"), rng.uniform(0.0, 1.0)
+  return line(rf"^step +{resumed + 2 * rng.randint(1, 3)}/"), rng.uniform(0.0, 0.5)
 
 
 @pytest.mark.storm
@@ -244,7 +246,7 @@ def test_kill_storm_ends_bit_for_bit_as_the_uninterrupted_run(tmp_path, xla_cach
   reference = tmp_path / "uninterrupted"
   run_pair(reference, xla_cache, tmp_path / "uninterrupted_logs", STORM_OVERRIDES)
   workdir, rng = tmp_path / "stormed", random.Random(0)
-  landed, survivor_seconds = set(), []
+  landed, survivor_seconds, kills_start = set(), [], time.monotonic()
   for cycle in range(STORM_KILLS):
     pair = Pair([workdir] * 2, xla_cache, tmp_path / f"launch{cycle}", STORM_OVERRIDES,
                 first=rng.randrange(2), delay=rng.uniform(0.0, 3.0))
@@ -252,8 +254,8 @@ def test_kill_storm_ends_bit_for_bit_as_the_uninterrupted_run(tmp_path, xla_cach
       assert _wait_for_line(pair, r"^DeiT-"), pair.output(0)
       resumed = _resumed_step(pair.output(0))
       moment = MOMENTS[cycle % len(MOMENTS)]
-      pattern, delay = _trigger(moment, resumed, rng)
-      assert _wait_for_line(pair, pattern), pair.output(0)
+      condition, delay = _trigger(moment, resumed, workdir, rng)
+      assert _wait_until(pair, condition), pair.output(0)
       time.sleep(delay)
       victims = rng.choice([[0], [1], [0, 1]])
       before_kill = pair.output(0)
@@ -273,8 +275,10 @@ def test_kill_storm_ends_bit_for_bit_as_the_uninterrupted_run(tmp_path, xla_cach
     assert all("unusable" not in o for o in outputs), outputs
     for i in survivors:  # ended by the loss, not by finishing
       assert codes[i] != 0, outputs[i]
-      if victims == [1]:
-        assert "error: process 0 lost process(es) [1] of the run" in outputs[i], outputs[i]
+      assert f"error: process {i} lost process(es) {victims} of the run" in outputs[i] or (
+          # Process 0 runs the coordination service: JAX stops the others when it goes.
+          victims == [0] and "another task died" in outputs[i]), outputs[i]
+  kills_seconds = time.monotonic() - kills_start
   outputs = run_pair(workdir, xla_cache, tmp_path / "final_logs", STORM_OVERRIDES)
   assert "unusable" not in outputs[0] and not (workdir / workdir_lib.CORRUPT).exists()
   assert_bitwise_equal(checkpoint.read_latest(str(workdir)).variables,
@@ -282,8 +286,8 @@ def test_kill_storm_ends_bit_for_bit_as_the_uninterrupted_run(tmp_path, xla_cach
   stormed, uninterrupted = (workdir_lib.read_summary(str(w)) for w in (workdir, reference))
   assert stormed["eval"] == uninterrupted["eval"]
   assert stormed["architecture"] == uninterrupted["architecture"]
-  assert max(survivor_seconds) < distributed.HEARTBEAT_TIMEOUT_SECONDS
+  assert max(survivor_seconds) < distributed.LOST_AFTER_SECONDS + 2
   assert landed == {"growth event", "checkpoint write"}, landed
-  print(f"\nkill storm: {STORM_KILLS} kills (landed in {sorted(landed)}) and the final launch in "
-        f"{time.monotonic() - storm_start:.0f} s with the uninterrupted run; survivors of a kill "
-        f"ended {max(survivor_seconds):.1f} s after it at most")
+  print(f"\nkill storm: {STORM_KILLS} kills (landed in {sorted(landed)}) in {kills_seconds:.0f} s, "
+        f"{time.monotonic() - storm_start:.0f} s with the uninterrupted run and the final launch; "
+        f"survivors of a kill ended {max(survivor_seconds):.1f} s after it at most")
