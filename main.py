@@ -85,6 +85,9 @@ def main(argv):
   except (config_lib.ConfigError, input_pipeline.DatasetNotFoundError, workdir_lib.WorkdirError,
           checkpoint.CheckpointError, train.NonFiniteError) as e:
     sys.exit(f"error: {e}")
+  except Exception:
+    distributed.wait_for_watchdog()  # a lost process ends this one here, with its own line
+    raise
 
 
 if __name__ == "__main__":

@@ -12,8 +12,14 @@ A plain single-process run (a laptop, a multi-GPU host) initializes nothing.
 
 from collections.abc import Mapping
 import os
+import sys
+import threading
+import time
 
 import jax
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
+import numpy as np
 
 try:  # private: JAX has no public "is this a Cloud TPU VM"; see on_cloud_tpu_vm
   from jax._src import cloud_tpu_init as _cloud_tpu_init
@@ -54,10 +60,92 @@ def initialize_arguments(environ: Mapping[str, str]) -> dict:
   return {arg: int(environ[name]) for arg, name in names.items() if name in environ}
 
 
+# How long the coordination service waits for a silent process before it stops the others
+# (JAX's default is 100 s), and how long a process may go without beating before the others
+# take it for lost and end themselves: the watchdog's bound comes first.
+HEARTBEAT_TIMEOUT_SECONDS = 30
+LOST_AFTER_SECONDS = 10
+_BEAT_KEY = "hetscale_jax/beat/"
+_BEAT_SECONDS = 0.5
+
+
 def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
-  """Initializes jax.distributed if this is one process of several; returns the launcher."""
+  """Initializes jax.distributed if this is one process of several, and starts its watchdog;
+  returns the launcher."""
   environ = os.environ if environ is None else environ
   kind = launcher(environ, on_cloud_tpu_vm())
   if kind is not None:
-    jax.distributed.initialize(**initialize_arguments(environ))
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
+                               **initialize_arguments(environ))
+    threading.Thread(target=_watchdog, daemon=True, name="hetscale_jax watchdog").start()
   return kind
+
+
+def _watchdog():
+  """Beats in the coordination service's key-value store and watches the others' beats.
+
+  When another process stops beating, ends this one with one line naming it. Wherever this
+  process waits for the lost one (a collective, a barrier, a checkpoint's commit), it would
+  otherwise wait until the coordination service gives the lost one up, and end without
+  saying which process was lost or what to do.
+  """
+  client = jax_distributed.global_state.client  # private: JAX exposes its store nowhere else
+  me = jax.process_index()
+  others = [i for i in range(jax.process_count()) if i != me]
+  changed = {i: (None, time.monotonic()) for i in others}  # process: (last beat, when it changed)
+  beat = 0
+  while True:
+    beat += 1
+    try:
+      client.key_value_set(f"{_BEAT_KEY}{me}", str(beat), allow_overwrite=True)
+      beats = dict(client.key_value_dir_get(_BEAT_KEY))
+    except Exception:  # the coordination service is gone with process 0, which runs it
+      _end_lost([0])
+    now = time.monotonic()
+    for i in others:
+      if beats.get(f"{_BEAT_KEY}{i}") != changed[i][0]:
+        changed[i] = (beats.get(f"{_BEAT_KEY}{i}"), now)
+    if lost := [i for i in others if now - changed[i][1] > LOST_AFTER_SECONDS]:
+      _end_lost(lost)
+    time.sleep(_BEAT_SECONDS)
+
+
+def _end_lost(lost: list[int]):
+  print(f"error: process {jax.process_index()} lost process(es) {lost} of the run; nothing "
+        "was saved since the last checkpoint. Relaunch every process with the same command: "
+        "the run resumes from its newest checkpoint.", file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+def wait_for_watchdog():
+  """Returns once the watchdog has had time to end this process for a lost one: called before
+  reporting an error that losing a process may have caused, so that a lost process gives the
+  watchdog's one line, not that error."""
+  if jax.process_count() > 1:
+    time.sleep(LOST_AFTER_SECONDS + 4 * _BEAT_SECONDS)
+
+
+def broadcast_text(text: str, source: int = 0) -> str:
+  """Process `source`'s `text` on every process (the others' `text` is ignored): how one
+  process's decision reaches the rest, which must not learn it by reading a shared file that
+  may or may not be written yet."""
+  if jax.process_count() == 1:
+    return text
+  is_source = jax.process_index() == source
+  data = np.frombuffer(text.encode(), np.uint8) if is_source else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size), is_source=is_source))
+  buffer = data if is_source else np.zeros(size, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer, is_source=is_source),
+                          np.uint8)).decode()
+
+
+def first_error(error: str | None) -> str | None:
+  """The error of the lowest process that has one, on every process (None if none has):
+  every process raises it together, so none waits at a barrier the others never reach."""
+  if jax.process_count() == 1:
+    return error
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+  if not failed.any():
+    return None
+  source = int(np.argmax(failed))
+  return broadcast_text(error or "", source=source)

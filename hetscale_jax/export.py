@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 
+from etils import epath
 import flax
 
 from hetscale_jax import checkpoint, spec
@@ -40,20 +41,19 @@ def describe(final: checkpoint.Final, workdir: str) -> str:
 def export(workdir: str, out: str | None = None) -> str:
   """Writes the export of `workdir`'s newest usable checkpoint; returns its folder."""
   final = checkpoint.read_latest(workdir)
-  out = out or os.path.join(workdir, "export", f"step_{final.step}")
-  if os.path.exists(out):
+  out = epath.Path(out) if out else epath.Path(workdir) / "export" / f"step_{final.step}"
+  if out.exists():
     raise FileExistsError(f"{out} exists; nothing was overwritten (pass another --out)")
-  staging = f"{out}.partial-{os.getpid()}"
-  os.makedirs(staging)
+  staging = out.parent / f"{out.name}.partial-{os.getpid()}"
+  staging.mkdir(parents=True)
   files = {"variables.msgpack": flax.serialization.msgpack_serialize(final.variables),
            "spec.json": spec.to_json(final.architecture).encode(),
            "config.json": json.dumps(final.config, indent=1, sort_keys=True).encode(),
            "architecture.txt": describe(final, workdir).encode()}
   for name, data in files.items():
-    with open(os.path.join(staging, name), "wb") as f:
-      f.write(data)
-  os.rename(staging, out)
-  return out
+    (staging / name).write_bytes(data)
+  staging.rename(out)
+  return str(out)
 
 
 def main(argv=None):
@@ -65,8 +65,7 @@ def main(argv=None):
     out = export(args.workdir, args.out)
   except (checkpoint.CheckpointError, FileExistsError) as e:
     raise SystemExit(f"error: {e}") from None
-  with open(os.path.join(out, "architecture.txt")) as f:
-    print(f.read() + f"exported to {out}")
+  print((epath.Path(out) / "architecture.txt").read_text() + f"exported to {out}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ fixed margins instead of a layout engine, and one artist per colour instead of a
 neuron. Only process 0 draws, as only it writes metrics.
 """
 
-import os
 import re
-import shutil
 
+from etils import epath
 import jax
 from matplotlib import colormaps
 from matplotlib import colors
@@ -34,8 +33,8 @@ UNITS = "units.png"
 GROWN, NOT_GROWN = "tab:red", "tab:blue"
 
 
-def plots_dir(workdir: str) -> str:
-  return os.path.join(workdir, workdir_lib.PLOTS_DIR)
+def plots_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / workdir_lib.PLOTS_DIR
 
 
 def eigenvalues_name(step: int) -> str:
@@ -51,9 +50,10 @@ def layer_order(path: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def save(fig: Figure, path: str):
+def save(fig: Figure, path: epath.Path):
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=100)
+  with path.open("wb") as f:
+    fig.savefig(f, dpi=100, format="png")
 
 
 # ---------------------------------------------------------------------------- growth events
@@ -66,16 +66,16 @@ def growth_event_figures(workdir: str, step: int, spectrum, plan, variables):
   """
   if jax.process_index() != 0:
     return
-  os.makedirs(plots_dir(workdir), exist_ok=True)
+  plots_dir(workdir).mkdir(parents=True, exist_ok=True)
   grown = {p: np.asarray(i) for p, i in plan.indices.items()}
   figure2 = [p for p in FIGURE2_LAYERS if p in spectrum]
   if figure2:
     save(eigenvalue_figure(step, {p: spectrum[p] for p in figure2}, grown),
-          os.path.join(plots_dir(workdir), eigenvalues_name(step)))
+          plots_dir(workdir) / eigenvalues_name(step))
   units = units_per_neuron(variables)
-  path = os.path.join(plots_dir(workdir), units_name(step))
+  path = plots_dir(workdir) / units_name(step)
   save(units_figure(step, units), path)
-  shutil.copyfile(path, os.path.join(plots_dir(workdir), UNITS))
+  path.copy(plots_dir(workdir) / UNITS, overwrite=True)
 
 
 def eigenvalue_figure(step: int, spectrum: dict, grown: dict) -> Figure:
@@ -141,9 +141,9 @@ def final_figures(workdir: str):
   """Draws training.png from metrics.jsonl (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(plots_dir(workdir), exist_ok=True)
+  plots_dir(workdir).mkdir(parents=True, exist_ok=True)
   records = writers.read_metrics(workdir)
-  save(training_figure(records), os.path.join(plots_dir(workdir), TRAINING))
+  save(training_figure(records), plots_dir(workdir) / TRAINING)
 
 
 def training_figure(by_kind: dict[str, list[dict]]) -> Figure:

@@ -75,6 +75,22 @@ def prefetch_to_mesh(local_batches: Iterable, mesh: Mesh, size: int = 2) -> Iter
     enqueue(1)
 
 
+def put(tree, shardings):
+  """jax.device_put of `tree` onto `shardings`, also where these span several processes.
+
+  A leaf held by this process alone (numpy, or an array on its own devices, as the index
+  arrays a growth event builds on the host) holds the whole value on every process; it is
+  assembled shard by shard from that value, since device_put of a process-local array onto
+  the devices of several processes gives an array whose shards orbax cannot read.
+  """
+  def put_leaf(x, s):
+    if s.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+      return jax.device_put(x, s)
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, s, lambda index: value[index])
+  return jax.tree.map(put_leaf, tree, shardings)
+
+
 def host_value(tree):
   """Every leaf's whole value as numpy, on every process.
 

@@ -257,7 +257,7 @@ def grow_and_recompile(config, model, tx, train_step, mesh, state, next_batches,
                                          peak_lr=peak_learning_rate(config), held_aside=held_aside)
   compiled = compile_train_step(train_step, mesh, state, next_batches[0])
   event.record["seconds_compile"] = compiled.seconds
-  return jax.device_put(state, compiled.shardings), compiled, event
+  return sharding.put(state, compiled.shardings), compiled, event
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -316,7 +316,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   restored = ckpt.restore(functools.partial(abstract_state, config, model, tx, info, mesh))
   state, growth_log = ((restored.state, restored.growth_events) if restored
                        else (init_state(config, model, tx, info), []))
-  state = jax.device_put(state, state_shardings(mesh, state))
+  state = sharding.put(state, state_shardings(mesh, state))
   start_step = int(state.step)  # the host counts from here on: no per-step wait for the devices
   batches = sharding.prefetch_to_mesh(input_pipeline.train_batches(
       config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step), mesh)

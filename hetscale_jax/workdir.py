@@ -5,6 +5,8 @@
     workdir.write_summary(path, s)   # summary.json: the run is finished
     workdir.read_summary(path)       # that summary, or None
 
+A workdir is any path etils.epath opens: local, a network file system, or a gs:// bucket.
+
 Layout:
 
   config.json           the run's config, written when the workdir is claimed. A later run on
@@ -20,12 +22,14 @@ Layout:
 """
 
 import json
-import os
+import uuid
 
 from etils import epath
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
+
+from hetscale_jax import distributed
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -76,16 +80,11 @@ def refuse_other_config(where: str, stored: dict, current: dict) -> None:
         "--workdir (main.py --fresh picks a new sub-workdir).")
 
 
-def _require_local_directory(workdir: str) -> None:
-  # Metrics, plots and summaries are written with Python's file functions, which would turn
-  # gs://bucket/run into a local directory named "gs:".
-  if "://" in workdir:
-    raise WorkdirError(
-        f"workdir {workdir}: URLs are not supported; nothing was written. Mount the bucket "
-        "(e.g. `gcsfuse BUCKET /mnt/BUCKET` on every worker) and pass the mounted path.")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f"workdir {workdir} is a file, not a directory; nothing was written. "
-                       "Choose a new or empty --workdir.")
+def _refusal_of_path(path: epath.Path) -> str | None:
+  if path.exists() and not path.is_dir():
+    return (f"workdir {path} is a file, not a directory; nothing was written. Choose a new or "
+            "empty --workdir.")
+  return None
 
 
 def stored_config(workdir: str) -> dict | None:
@@ -100,65 +99,119 @@ def stored_config(workdir: str) -> dict | None:
     raise WorkdirError(f"{marker} is not a readable config ({e}); nothing was changed") from None
 
 
+# What a claim killed midway leaves: still an unclaimed workdir.
+_TEMPORARY = CONFIG_FILE + ".tmp"
+_PROBE_PREFIX = ".shared_probe_"
+
+
+def _refusal_of_workdir(path: epath.Path, current: dict) -> str | None:
+  """Why this run may not use `path` (read by process 0 alone), or None."""
+  if (refusal := _refusal_of_path(path)) is not None:
+    return refusal
+  try:
+    if (stored := stored_config(str(path))) is not None:
+      refuse_other_config(f"workdir {path}", stored, current)
+      return None
+  except WorkdirError as e:
+    return str(e)
+  if path.exists() and any(p.name != _TEMPORARY and not p.name.startswith(_PROBE_PREFIX)
+                           for p in path.iterdir()):
+    return (f"workdir {path} is not empty and holds no hetscale_jax run ({CONFIG_FILE} is "
+            "missing); nothing was changed. Choose a new or empty --workdir (main.py --fresh "
+            "picks a new sub-workdir).")
+  return None
+
+
+def _refusal_of_other_configs(current: dict) -> str | None:
+  """Why this process's config may not join process 0's run, or None."""
+  first = json.loads(distributed.broadcast_text(json.dumps(current)))
+  differences = config_differences(first, current)
+  if differences:
+    return (f"process {jax.process_index()} was started with another config than process 0 "
+            f"(process 0 -> {jax.process_index()}): {'; '.join(differences)}; nothing was "
+            "written. Start every process with the same --config and overrides.")
+  return None
+
+
+def _refusal_of_unshared(path: epath.Path) -> str | None:
+  """Whether every process sees what process 0 writes at `path`; leaves nothing behind."""
+  if jax.process_count() == 1:
+    return None
+  probe = path / (_PROBE_PREFIX + distributed.broadcast_text(uuid.uuid4().hex))
+  created = False
+  if jax.process_index() == 0:
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+  multihost_utils.sync_global_devices("hetscale_jax probe_workdir")
+  refusal = distributed.first_error(
+      None if probe.exists() else
+      f"workdir {path} is not shared: process {jax.process_index()} does not see what process "
+      "0 writes there; nothing was written. Pass a --workdir that every process sees at the "
+      "same path (a gs:// bucket, or a network file system).")
+  if jax.process_index() == 0:
+    probe.unlink()
+    if refusal and created:
+      path.rmdir()
+  return refusal
+
+
+def _raise_any(refusal: str | None) -> None:
+  if (refusal := distributed.first_error(refusal)) is not None:
+    raise WorkdirError(refusal)
+
+
 def claim(workdir: str, config) -> None:
   """Makes `workdir` this run's: fine if new, empty or holding a run of the same config.
 
-  Raises WorkdirError, having written nothing, if it is a URL or a file, or holds another
-  config's run or files that are not a run. Otherwise writes config.json (if missing) before
-  any training.
+  Raises WorkdirError on every process, having written nothing, if it is a file, holds another
+  config's run or files that are not a run, if the processes were started with different
+  configs, or if they do not share the workdir. Otherwise process 0 writes config.json (if
+  missing) before any training. Every process takes the same steps whatever the workdir holds
+  and whenever it started: process 0 reads the workdir and decides, and the others learn its
+  decision from it, never from a file that may or may not be written yet.
   """
-  _require_local_directory(workdir)
   path = epath.Path(workdir)
-  marker = path / CONFIG_FILE
   current = config_dict(config)
-  if (stored := stored_config(workdir)) is not None:
-    refuse_other_config(f"workdir {workdir}", stored, current)
-    return
-  # A claim killed before its rename leaves only the temporary file: still an unclaimed workdir.
-  temporary = marker.parent / (CONFIG_FILE + ".tmp")
-  if path.exists() and any(p.name != temporary.name for p in path.iterdir()):
-    raise WorkdirError(
-        f"workdir {workdir} is not empty and holds no hetscale_jax run ({CONFIG_FILE} is "
-        "missing); nothing was changed. Choose a new or empty --workdir (main.py --fresh picks "
-        "a new sub-workdir).")
-  if jax.process_index() == 0:
+  _raise_any(_refusal_of_other_configs(current))
+  _raise_any(_refusal_of_workdir(path, current) if jax.process_index() == 0 else None)
+  _raise_any(_refusal_of_unshared(path))
+  if jax.process_index() == 0 and not (path / CONFIG_FILE).exists():
+    temporary = path / _TEMPORARY
     path.mkdir(parents=True, exist_ok=True)
     temporary.write_text(json.dumps(current, indent=1, sort_keys=True))
-    temporary.rename(marker)
+    temporary.rename(path / CONFIG_FILE)
   multihost_utils.sync_global_devices("hetscale_jax claim_workdir")
 
 
 def fresh(workdir: str) -> str:
   """`workdir` if it is new or empty, else its first free sub-workdir fresh_1, fresh_2, ...:
-  a place for a new run that touches nothing of what `workdir` holds."""
-  _require_local_directory(workdir)
-  path = epath.Path(workdir)
-  chosen = workdir
-  if path.exists() and any(path.iterdir()):
-    n = 1
-    while (path / f"{FRESH_PREFIX}{n}").exists():
-      n += 1
-    chosen = str(path / f"{FRESH_PREFIX}{n}")
-  # Every process of a multi-host run looks before any claims (and creates) the one chosen:
-  # a process still looking after another's claim would pick the next sub-workdir.
-  multihost_utils.sync_global_devices("hetscale_jax fresh_workdir")
-  return chosen
+  a place for a new run that touches nothing of what `workdir` holds. Process 0 chooses; every
+  process gets its choice."""
+  chosen, refusal = workdir, None
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    refusal = _refusal_of_path(path)
+    if refusal is None and path.exists() and any(path.iterdir()):
+      n = 1
+      while (path / f"{FRESH_PREFIX}{n}").exists():
+        n += 1
+      chosen = str(path / f"{FRESH_PREFIX}{n}")
+  _raise_any(refusal)
+  return distributed.broadcast_text(chosen)
 
 
-def summary_path(workdir: str) -> str:
-  return os.path.join(workdir, SUMMARY_FILE)
+def summary_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / SUMMARY_FILE
 
 
 def read_summary(workdir: str) -> dict | None:
   """The summary of a finished run, or None if the run has not finished."""
-  if not os.path.exists(summary_path(workdir)):
-    return None
-  with open(summary_path(workdir)) as f:
-    return json.load(f)
+  path = summary_path(workdir)
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_summary(workdir: str, summary: dict) -> None:
   """Writes summary.json (process 0), which marks the run finished."""
   if jax.process_index() == 0:
-    with open(summary_path(workdir), "w") as f:
-      json.dump(summary, f, indent=1, default=float)
+    summary_path(workdir).write_text(json.dumps(summary, indent=1, default=float))

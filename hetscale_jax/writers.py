@@ -11,11 +11,11 @@ writes, so a multi-host run produces one copy.
 
 from collections.abc import Mapping
 import json
-import os
 import time
 from typing import Any
 
 from clu import metric_writers
+from etils import epath
 import jax
 
 from hetscale_jax import workdir as workdir_lib
@@ -29,8 +29,8 @@ class JsonlWriter(metric_writers.MetricWriter):
   Kept beside clu's writers because clu has no plain-file writer; only scalars are written.
   """
 
-  def __init__(self, path: str):
-    self._file = open(path, "a")
+  def __init__(self, path: epath.Path):
+    self._file = path.open("a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     records = {}
@@ -74,15 +74,15 @@ def create(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard files in <workdir>/tensorboard and <workdir>/metrics.jsonl (process 0)."""
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
-  os.makedirs(workdir, exist_ok=True)
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
   return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR)),
-      JsonlWriter(os.path.join(workdir, workdir_lib.METRICS_FILE))])
+      metric_writers.SummaryWriter(str(path / workdir_lib.TENSORBOARD_DIR)),
+      JsonlWriter(path / workdir_lib.METRICS_FILE)])
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> list[dict]:
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 def read_metrics(workdir: str) -> dict[str, list[dict]]:
@@ -91,7 +91,7 @@ def read_metrics(workdir: str) -> dict[str, list[dict]]:
   A resumed run appends records for steps it replays; the last record of a (kind, step) wins.
   """
   latest = {}
-  for r in read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE)):
+  for r in read_jsonl(epath.Path(workdir) / workdir_lib.METRICS_FILE):
     latest[r["kind"], r["step"]] = r
   return {kind: [latest[k] for k in sorted(k for k in latest if k[0] == kind)]
           for kind in ("train", "eval", "growth")}

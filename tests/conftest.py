@@ -99,6 +99,19 @@ def tiny_run(xla_cache, tmp_path_factory):
   return workdir, train.train_and_evaluate(tiny_config(), workdir)
 
 
+def assert_bitwise_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def snapshot(workdir) -> dict:
+  """Every path under workdir with its size and modification time."""
+  root = pathlib.Path(workdir)
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in root.rglob("*")}
+
+
 def read_checkpoint(workdir: str, step: int) -> checkpoint.Final:
   """The checkpoint of `step` in `workdir`, read as checkpoint.read_latest reads the newest."""
   with checkpoint._reader(workdir) as (manager, _):
