@@ -75,7 +75,7 @@ def measure(config, seed: int) -> list[dict]:
       plan = grow.select(spectrum, growth_event.event_budget(g, params, [1.0] * (num_events - event + 1)),
                          rule="random", unit=g.unit, max_layer_fraction=g.max_layer_fraction,
                          rng=jax.random.fold_in(jax.random.key(seed), event))
-      state = common.grow_state(trainer, state, plan, spectrum, reserve_events=num_events - event)
+      state = common.grow_state(trainer, state, plan, spectrum)
     compiled = trainer.compile(state, batch)
     start = time.perf_counter()
     eval_step.lower(state.variables, eval_batch).compile()

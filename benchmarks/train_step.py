@@ -14,10 +14,10 @@ as configured) on one fixed synthetic batch, compiled as training compiles them:
   dense      the DeiT with every GrowableDense replaced by flax's nn.Dense
   growable   the DeiT as the project builds it, from GrowableDense, no units
   grown      growable with one unit on 10% of the neurons of every qkv, proj, fc1 and fc2, its
-             packs holding room for --reserve_events more events as training gives them
-             (growth.slots "events"), or with --schedule_slots the slots of all the config's
-             events (growth.slots "schedule"); or, with --grown_from, the units and
-             parameters of a run's latest checkpoint
+             packs holding slots for --reserve_events more events (grow.grow's reserve; a
+             training run sized at events reserves none), or with --schedule_slots the slots
+             of all the config's events (growth.slots "schedule"); or, with --grown_from, the
+             units and parameters of a run's latest checkpoint
   static     growable with its MLP widened to the grown model's parameter count
 
 Ratios (targets): growable / dense (<= 1.03), grown / static (<= 1.15). The models are timed in

@@ -420,13 +420,17 @@ def backend_dispatch() -> str:
   return DISPATCH_BY_BACKEND.get(jax.default_backend(), DEFAULT_DISPATCH)
 
 
-def _add_depth(yt, xt, kind: str, index, params: dict, slots, activation: str, how: str):
-  """yt [d_out, tokens] plus the units in `slots` (one depth: distinct neurons, or linear units,
-  which do not read yt), projected from xt [d_in, tokens]. Only these slots compute; a listed
-  entry >= C (no unit) has zero parameters and adds exactly 0."""
+def _gather_slots(index, params: dict, slots, d_out: int, dtype):
+  """(parameters {field: [n, ...]}, neurons [n]) of the listed slots; an entry >= C (no unit)
+  gets zero parameters and neuron d_out, which reads zeros and adds nothing."""
+  rows = {f: v.at[slots].get(mode="fill", fill_value=0).astype(dtype) for f, v in params.items()}
+  return rows, index.at[slots].get(mode="fill", fill_value=d_out)
+
+
+def _add_units(yt, xt, kind: str, rows: dict, neurons, activation: str, how: str):
+  """yt [d_out, tokens] plus one depth's units, parameters `rows` on `neurons` (distinct, or
+  linear units, which do not read yt), projected from xt [d_in, tokens]."""
   take, add = dispatch(how)
-  rows = {f: v.at[slots].get(mode="fill", fill_value=0).astype(yt.dtype) for f, v in params.items()}
-  neurons = index.at[slots].get(mode="fill", fill_value=yt.shape[0])
   if kind == "gated":
     weights, offsets = rows["r"][:, :-1], rows["r"][:, -1]
   else:
@@ -438,27 +442,33 @@ def _add_depth(yt, xt, kind: str, index, params: dict, slots, activation: str, h
 
 
 def bucket_sizes(length: int) -> list[int]:
-  """The prefixes of a depth list with room that a step may compute: 0, then MIN_CAPACITY
-  doubling up to the list's length, so that a depth costs at most twice its units."""
-  sizes, size = [0], MIN_CAPACITY
-  while size < length:
-    sizes.append(size)
-    size *= 2
-  return sizes + [length] if length else sizes
+  """The prefixes of a depth list with room that a step may choose from: 0, the whole list, and
+  quarters of the one above down to MIN_CAPACITY. Each is a branch that compiles, forward and
+  backward (on CPU compile time grows with their number), so a depth with units computes at
+  most four times as many slots as it holds, or MIN_CAPACITY."""
+  sizes = [length] if length else []
+  while sizes and sizes[-1] // 4 >= MIN_CAPACITY:
+    sizes.append(sizes[-1] // 4)
+  return [0] + sizes[::-1]
 
 
-def _add_depth_with_room(yt, xt, kind, index, params, slots, held, activation, how):
-  """_add_depth on the shortest prefix of `slots` that holds its `held` units (bucket_sizes,
-  chosen at run time). Each prefix is rematerialised in the backward pass: a branch not taken
-  then fills no residuals."""
+def _add_depth(yt, xt, kind, index, params, slots, held, activation, how):
+  """yt plus the units of one depth, whose list is `slots`. Without held counts the list is
+  exactly its units, and all compute; with them (a pack with room), the shortest prefix of
+  bucket_sizes that holds the `held` units, chosen at run time and rematerialised in the
+  backward pass, so that the prefixes not taken keep no residuals."""
+  rows, neurons = _gather_slots(index, params, slots, yt.shape[0], yt.dtype)
+  if held is None:
+    return _add_units(yt, xt, kind, rows, neurons, activation, how)
   sizes = bucket_sizes(slots.shape[0])
 
-  def branch(size):
-    def run(yt, xt, params):
-      return _add_depth(yt, xt, kind, index, params, slots[:size], activation, how)
-    return (lambda yt, xt, params: yt) if size == 0 else jax.checkpoint(run)
-  which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), held)
-  return lax.switch(which, [branch(size) for size in sizes], yt, xt, params)
+  def prefix(size):
+    def run(yt, xt, rows, neurons):
+      return _add_units(yt, xt, kind, {f: v[:size] for f, v in rows.items()}, neurons[:size],
+                        activation, how)
+    return (lambda yt, *_: yt) if size == 0 else jax.checkpoint(run)
+  which = jnp.sum(jnp.asarray(sizes, jnp.int32) < held)  # the first size that holds them
+  return lax.switch(which, [prefix(size) for size in sizes], yt, xt, rows, neurons)
 
 
 def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gelu"):
@@ -486,11 +496,8 @@ def _apply_unit_packs(y, x, arrays: dict[str, tuple], activation: str, how: str)
     if kind in arrays:
       index, depths, held, params = arrays[kind]
       for depth, slots in enumerate(depths):
-        if held is None:
-          yt = _add_depth(yt, xt, kind, index, params, slots, activation, how)
-        else:
-          yt = _add_depth_with_room(yt, xt, kind, index, params, slots, held[depth], activation,
-                                    how)
+        yt = _add_depth(yt, xt, kind, index, params, slots, None if held is None else held[depth],
+                        activation, how)
   return yt.T.reshape(lead + (d_out,))
 
 

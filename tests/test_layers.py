@@ -288,7 +288,7 @@ def test_a_pack_with_room_computes_what_exact_lists_compute(x64):
   exact, held = _three_depths(jnp.float64)
   assert [len(d) for d in layers.layer_packs(held["params"], held["growth"])["gated"].depths] == [7, 7, 7]
   np.testing.assert_array_equal(held["growth"]["gated_held"], [4, 2, 1])
-  assert layers.bucket_sizes(7) == [0, 7] and layers.bucket_sizes(20) == [0, 8, 16, 20]
+  assert layers.bucket_sizes(7) == [0, 7] and layers.bucket_sizes(48) == [0, 12, 48]
   x = _inputs(jnp.float64)
   apply = jax.jit(GrowableDense(D_OUT).apply)
   loss = lambda params, v: jnp.sum(jnp.sin(apply({**v, "params": params}, x)))
