@@ -10,6 +10,7 @@ else a launcher names them in JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PR
 A plain single-process run (a laptop, a multi-GPU host) initializes nothing.
 """
 
+import atexit
 from collections.abc import Mapping
 import os
 import sys
@@ -67,6 +68,9 @@ HEARTBEAT_TIMEOUT_SECONDS = 30
 LOST_AFTER_SECONDS = 10
 _BEAT_KEY = "hetscale_jax/beat/"
 _BEAT_SECONDS = 0.5
+# Set when this process exits: from then on its watchdog beats on through JAX's shutdown
+# (which waits for the others) but takes no process for lost.
+_exiting = threading.Event()
 
 
 def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
@@ -77,6 +81,7 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
   if kind is not None:
     jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
                                **initialize_arguments(environ))
+    atexit.register(_exiting.set)  # registered after JAX's shutdown handler: runs before it
     threading.Thread(target=_watchdog, daemon=True, name="hetscale_jax watchdog").start()
   return kind
 
@@ -100,12 +105,15 @@ def _watchdog():
       client.key_value_set(f"{_BEAT_KEY}{me}", str(beat), allow_overwrite=True)
       beats = dict(client.key_value_dir_get(_BEAT_KEY))
     except Exception:  # the coordination service is gone with process 0, which runs it
+      if _exiting.is_set():
+        return
       _end_lost([0])
     now = time.monotonic()
     for i in others:
       if beats.get(f"{_BEAT_KEY}{i}") != changed[i][0]:
         changed[i] = (beats.get(f"{_BEAT_KEY}{i}"), now)
-    if lost := [i for i in others if now - changed[i][1] > LOST_AFTER_SECONDS]:
+    lost = [i for i in others if now - changed[i][1] > LOST_AFTER_SECONDS]
+    if lost and not _exiting.is_set():
       _end_lost(lost)
     time.sleep(_BEAT_SECONDS)
 
