@@ -69,4 +69,5 @@ def test_metrics_summary_plots_and_export_are_written_to_the_bucket(bucket, tiny
   out = export.export(ref_dir, f"{RUN}/export")
   assert sorted(p.name for p in epath.Path(out).iterdir()) == [
       "architecture.txt", "config.json", "spec.json", "variables.msgpack"]
-  assert not [path for path in bucket.find("") if "partial" in path]
+  assert f"{RUN}/export/variables.msgpack" in bucket.store
+  assert not [path for path in bucket.store if "partial" in path]
