@@ -50,9 +50,9 @@ def layer_order(path: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
-def save(fig: Figure, path: epath.Path):
+def save(fig: Figure, path: epath.PathLike):
   FigureCanvasAgg(fig)
-  with path.open("wb") as f:
+  with epath.Path(path).open("wb") as f:
     fig.savefig(f, dpi=100, format="png")
 
 
