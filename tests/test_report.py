@@ -291,14 +291,12 @@ def test_forward_flops_equals_the_jaxprs_matmul_count():
   assert spec.unit_params(architecture) > 0
   image = problem.batch[0][:1]
   jaxpr = jax.make_jaxpr(lambda v: problem.model.apply(v, image, train=False))(variables)
-  # The program computes every slot, padded ones too: with the units counted as slots, the
-  # formula is the jaxpr's count; the report counts the units the model has.
-  as_slots = {**architecture, "layers": {
-      path: {**layer, "units": {kind: [slots] for kind, slots in layer["slots"].items()}}
-      for path, layer in architecture["layers"].items()}}
-  assert report.forward_flops(as_slots, image.shape[1:], problem.model.patch_size) == (
+  # Each depth computes only its units (layers.py), not its pack's padded slots: the formula,
+  # which counts the units the model has, is the jaxpr's count.
+  assert sum(sum(layer["slots"].values()) for layer in architecture["layers"].values()) > (
+      spec.num_units(architecture))
+  assert report.forward_flops(architecture, image.shape[1:], problem.model.patch_size) == (
       _matmul_flops(jaxpr.jaxpr))
-  assert spec.num_units(as_slots) > spec.num_units(architecture)
 
 
 def test_units_per_neuron_counts_every_event_and_the_event_figures_are_drawn(tmp_path):
