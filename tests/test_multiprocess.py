@@ -17,6 +17,7 @@ checkpoint runs over devices of two processes. Checked here:
     over, and end bit for bit as the uninterrupted two-process run.
 """
 
+import fcntl
 import os
 import pathlib
 import random
@@ -111,13 +112,24 @@ def _max_diff(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory, xla_cache):
-  """{start: workdir} of the tiny config run by two processes, for each way of starting."""
-  root = tmp_path_factory.mktemp("two_processes")
-  runs = {}
-  for name, (first, delay) in STARTS.items():
-    workdir = root / name.replace(" ", "_")
-    run_pair(workdir, xla_cache, root / f"{name.replace(' ', '_')}_logs", first=first, delay=delay)
-    runs[name] = workdir
+  """{start: workdir} of the tiny config run by two processes, for each way of starting.
+
+  Under pytest-xdist the first worker to get here runs them; another waits on a lock in the
+  session's shared folder and reads them (tests read the runs, or copy them).
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # this session's folder, shared by its workers
+  root = root / "two_process_runs"
+  root.mkdir(exist_ok=True)
+  runs = {name: root / name.replace(" ", "_") for name in STARTS}
+  with open(root / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / "done").exists():
+      for name, (first, delay) in STARTS.items():
+        run_pair(runs[name], xla_cache, root / f"{name.replace(' ', '_')}_logs", first=first,
+                 delay=delay)
+      (root / "done").touch()
   return runs
 
 
