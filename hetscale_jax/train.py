@@ -247,6 +247,20 @@ def batches_ahead(config) -> int:
   return max(config.growth.probe_batches, config.growth.unit_only_steps)
 
 
+def peek(iterator, n: int) -> tuple[list, Any]:
+  """The next `n` items of `iterator`, and an iterator that still yields them first."""
+  ahead = list(itertools.islice(iterator, n))
+  return ahead, itertools.chain(ahead, iterator)
+
+
+def wait_for_warm_up(warm_up) -> float:
+  """Seconds spent waiting for the spectrum's warm-up thread (None: none) to end."""
+  start = time.perf_counter()
+  if warm_up:
+    warm_up.join()
+  return time.perf_counter() - start
+
+
 def grow_and_recompile(config, model, tx, train_step, mesh, state, next_batches,
                        weights_left: list[float], num_classes: int, held_aside=None):
   """A growth event (growth_event.grow_state: `next_batches`, `held_aside` as it takes them) and
@@ -320,8 +334,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   start_step = int(state.step)  # the host counts from here on: no per-step wait for the devices
   batches = sharding.prefetch_to_mesh(input_pipeline.train_batches(
       config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step), mesh)
-  first = next(batches)
-  batches = itertools.chain([first], batches)
+  (first,), batches = peek(batches, 1)
   held_aside = held_aside_batches(config, mesh)
   compiled = compile_train_step(train_step, mesh, state, first)
   # The next event scores the model as it is now: its spectrum can compile meanwhile.
@@ -337,21 +350,15 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   base_params = growth_log[0]["params_before"] if growth_log else num_params
   lr_schedule = learning_rate_schedule(config, steps_per_epoch)
   weights = event_weights(config, lr_schedule, events)
-  print(f"DeiT-{config.model.variant} on {info.name}: {base_params:,} params, {total_steps} steps, "
-        f"{len(events)} growth events at steps {events}; train step compiled in {compiled.seconds:.1f}s"
-        + (f"; resumed at step {start_step} with {len(growth_log)} events done" if restored else ""),
-        flush=True)
+  report_start(config, info, base_params, total_steps, events, compiled.seconds,
+               resumed_at=(start_step, len(growth_log)) if restored else None)
 
   run_start, last_eval = time.perf_counter(), {}
   for step in range(start_step, total_steps):
     if step in events[len(growth_log):]:  # a resumed run restored the earlier events grown
       with progress.timed("growth", wait_jax_async_dispatch=False):
-        join_start = time.perf_counter()
-        if warm_up:
-          warm_up.join()  # the spectrum's compile: part of what the event waits for
-        waited = time.perf_counter() - join_start
-        ahead = list(itertools.islice(batches, batches_ahead(config)))
-        batches = itertools.chain(ahead, batches)
+        waited = wait_for_warm_up(warm_up)  # the spectrum's compile: part of the event's wait
+        ahead, batches = peek(batches, batches_ahead(config))
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, ahead,
                                                     weights[events.index(step):], info.num_classes,
                                                     held_aside)
@@ -381,8 +388,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
       check_finite(state)
       ckpt.save(state, growth_log)
     if stop:
-      ckpt.wait()
-      writer.close()
+      finish_writing(ckpt, writer)
       print(f"stopped at step {step}/{total_steps}, checkpoint saved: run the same command to "
             "resume", flush=True)
       return None
@@ -392,16 +398,30 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
     last_eval = evaluate(eval_step, state.variables, config, mesh)
   units = (unit_ablation(model, eval_step, config, mesh, state.variables, last_eval)
            if growth_log else None)
-  ckpt.wait()  # summary.json marks a finished run: its final checkpoint must be complete
-  writer.close()
+  finish_writing(ckpt, writer)  # complete before summary.json marks the run finished
   return write_summary(workdir, info, state, last_eval, total_steps, base_params, growth_log,
-                       unit_ablation=units,
-                       compiles=compile_log.since(compiled_before, PROGRAMS),
+                       unit_ablation=units, compiles=compile_log.since(compiled_before, PROGRAMS),
                        resumed_from_step=start_step if restored else None,
                        wall_seconds=time.perf_counter() - run_start)
 
 
 # ---------------------------------------------------------------------------- reporting
+
+def report_start(config, info, base_params: int, total_steps: int, events: list[int],
+                 compile_seconds: float, resumed_at: tuple[int, int] | None):
+  """The run's first line; `resumed_at`: the step a resumed run starts at and its events done."""
+  resumed = (f"; resumed at step {resumed_at[0]} with {resumed_at[1]} events done"
+             if resumed_at else "")
+  print(f"DeiT-{config.model.variant} on {info.name}: {base_params:,} params, {total_steps} steps, "
+        f"{len(events)} growth events at steps {events}; train step compiled in "
+        f"{compile_seconds:.1f}s{resumed}", flush=True)
+
+
+def finish_writing(ckpt: checkpoint.Checkpointer, writer):
+  """Waits for the checkpoint being written to complete and closes the metric writers."""
+  ckpt.wait()
+  writer.close()
+
 
 def report_train(writer, steps_per_epoch: int, total_steps: int, step: int, metrics, *,
                  lr: float, num_params: int):
