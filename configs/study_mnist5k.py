@@ -1,5 +1,5 @@
 r"""The evidence study's regime: a narrow reduced DeiT on the embedded 28x28 MNIST subset, where
-capacity binds (README, "Results"), grown by each rule at the same steps.
+capacity binds (docs/results.md), grown by each rule at the same steps.
 
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py --workdir workdirs/study --jobs 2
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py:late \

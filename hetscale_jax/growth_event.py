@@ -9,7 +9,7 @@
 
 The probe is the next growth.probe_batches training batches (no extra data), scored with the
 deterministic training loss: no drop-path and no mixing, so that every Lanczos product sees
-the same operator (docs/method.md, "Training recipe and schedule"). Only the layer kinds named
+the same operator (docs/design.md, "A growth event, step by step"). Only the layer kinds named
 in config.growth.layers are scored at all. The caller recompiles the train step for the grown
 tree and adds the compile time to the record.
 

@@ -1,6 +1,6 @@
 """main.py as two processes on one CPU machine: a TPU pod rehearsed on a laptop.
 
-Each process is started as the README's pod recipe starts one (JAX_COORDINATOR_ADDRESS,
+Each process is started as docs/scale.md's pod rehearsal starts one (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) and owns one CPU device, so every step, growth event and
 checkpoint runs over devices of two processes. Checked here:
 
