@@ -22,6 +22,8 @@ from hetscale_jax.splitting import random_spectrum
 from conftest import make_deit, read_checkpoint, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# One worker runs this module's tests, so that the study fixture is trained once (minutes).
+pytestmark = pytest.mark.xdist_group("study")
 
 
 @pytest.fixture(scope="module")
