@@ -34,6 +34,8 @@ BENCHMARKS = [
     ("Recompilation per growth event, with and without the persistent cache", "recompile.py",
      [], [f"--config={CONFIGS}/tiny_test.py"]),
     ("Splitting spectrum cost", "splitting_cost.py", [], ["--quick"]),
+    ("One grown layer against a dense layer of equal parameters", "unit_layer.py", [],
+     ["--rounds=5"]),
     ("Input pipeline", "input_pipeline.py", [],
      ["--seconds=2", "--num_images=64", "--batch_size=32"]),
 ]
