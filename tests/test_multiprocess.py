@@ -238,13 +238,17 @@ def _resumed_step(output: str) -> int:
   return int(match.group(1)) if match else 0
 
 
+def _next_event(resumed: int) -> int | None:
+  """The first growth event a launch that resumed at step `resumed` has still to run."""
+  return next((e for e in EVENTS if e > resumed), None)
+
+
 def _trigger(moment: str, resumed: int, workdir: pathlib.Path, rng: random.Random):
   """(condition of the launch to wait for, seconds to wait after it) for a kill at
   `moment` of a launch that resumed at step `resumed`."""
   line = lambda pattern: lambda pair: re.search(pattern, pair.output(0), re.MULTILINE)
-  pending = [e for e in EVENTS if e > resumed]
-  if moment == "growth event" and pending:  # the event starts right after its step's line
-    return line(rf"^step +{pending[0]}/"), rng.uniform(0.0, 1.0)
+  if moment == "growth event" and _next_event(resumed):  # it starts right after its step's line
+    return line(rf"^step +{_next_event(resumed)}/"), rng.uniform(0.0, 1.0)
   if moment == "checkpoint write":  # while orbax writes its temporary directory
     return lambda pair: _saving(workdir), 0.0
   if moment == "start-up":
@@ -275,8 +279,8 @@ def test_kill_storm_ends_bit_for_bit_as_the_uninterrupted_run(tmp_path, xla_cach
       killed = time.monotonic()
       if _saving(workdir):
         landed.add("checkpoint write")
-      pending = [e for e in EVENTS if e > resumed]
-      if moment == "growth event" and pending and f"growth at step {pending[0]}" not in before_kill:
+      event = _next_event(resumed)
+      if moment == "growth event" and event and f"growth at step {event}" not in before_kill:
         landed.add("growth event")
       codes = pair.wait(timeout=120)
     finally:
