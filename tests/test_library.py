@@ -2,7 +2,6 @@
 per model and loss, caps that never shut a layer out, one RNG convention, budgets in units,
 and units placed by hand."""
 
-import functools
 import pathlib
 import re
 
@@ -49,29 +48,30 @@ def test_readme_research_example_runs_as_written():
   assert splitting._collected_statistics._cache_size() == before  # pylint: disable=protected-access
 
 
-def test_two_equal_closures_compile_the_spectrum_once():
+def test_losses_that_compute_the_same_share_the_spectrums_program():
+  """The spectrum's statistics program is keyed by the loss's trace: a loss written on another
+  line, or closing over another model object of the same architecture, or over an equal array,
+  reuses it; one that computes something else compiles."""
   problem = make_mlp()
-  make_loss = lambda fn: (lambda v, b: fn(v, b))  # a fresh function object on every call
-  before = splitting._collected_statistics._cache_size()  # pylint: disable=protected-access
-  first = grow.splitting_spectrum(make_loss(problem.loss_fn), problem.variables, problem.batch,
-                                  num_iters=3)
-  second = grow.splitting_spectrum(make_loss(problem.loss_fn), problem.variables, problem.batch,
-                                   num_iters=3)
-  assert splitting._collected_statistics._cache_size() == before + 1  # pylint: disable=protected-access
+  statistics = lambda: splitting._collected_statistics._cache_size()  # pylint: disable=protected-access
+  spectrum = lambda loss: grow.splitting_spectrum(loss, problem.variables, problem.batch,
+                                                  num_iters=3)
+  before = statistics()
+  first = spectrum(lambda v, b: problem.loss_fn(v, b))
+  second = spectrum(lambda v, b: (
+      problem.loss_fn(v, b)))                                  # the same, written elsewhere
+  assert statistics() == before + 1
   jax.tree.map(np.testing.assert_array_equal, first, second)
-  # A closure over another object is another computation: it compiles.
-  other = make_mlp(seed=1)
-  grow.splitting_spectrum(make_loss(other.loss_fn), problem.variables, problem.batch, num_iters=3)
-  assert splitting._collected_statistics._cache_size() == before + 2  # pylint: disable=protected-access
-  key = splitting.SameComputation
-  assert key(make_loss(problem.loss_fn)) == key(make_loss(problem.loss_fn))
-  assert key(make_loss(problem.loss_fn)) != key(make_loss(other.loss_fn))
-  assert key(lambda v, b: 1) != key(lambda v, b: 2)  # other code
-  # A closure over a fresh partial (as train.model_input makes one per growth event) is the
-  # same computation when the partials are.
-  over = lambda prepare: lambda v, b: prepare(b)
-  assert key(over(functools.partial(max, 3))) == key(over(functools.partial(max, 3)))
-  assert key(over(functools.partial(max, 3))) != key(over(functools.partial(max, 4)))
+  other = make_mlp(seed=1)  # another model object and variables, the same computation
+  spectrum(lambda v, b: other.loss_fn(v, b))
+  weight = jnp.asarray(2.0)
+  spectrum(lambda v, b: weight * problem.loss_fn(v, b))
+  assert statistics() == before + 2                            # a scaled loss is another
+  equal, other_value = jnp.asarray(2.0), jnp.asarray(3.0)   # other arrays, closed over
+  spectrum(lambda v, b: equal * problem.loss_fn(v, b))
+  assert statistics() == before + 2                            # an equal constant: the same
+  spectrum(lambda v, b: other_value * problem.loss_fn(v, b))
+  assert statistics() == before + 3
 
 
 def test_a_small_layer_is_never_shut_out_by_the_cap():
