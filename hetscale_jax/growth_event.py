@@ -199,8 +199,9 @@ def grow_state(config, model, tx, state, next_batches: list, *, weights_left: li
   start = time.perf_counter()
   loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
   spectrum = sharding.host_value(event_spectrum(config, loss_fn, variables, probe, step))
-  plan = grow.select(spectrum, event_budget(g, before, weights_left), g.threshold, rule=g.rule,
-                     unit=g.unit, allocation=g.allocation, max_layer_fraction=g.max_layer_fraction,
+  plan = grow.select(spectrum, budget=event_budget(g, before, weights_left), threshold=g.threshold,
+                     rule=g.rule, unit=g.unit, allocation=g.allocation,
+                     max_layer_fraction=g.max_layer_fraction,
                      min_candidates=g.min_candidates, max_layers_per_kind=g.max_layers_per_kind,
                      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), step))
   record = {"step": step, "params_before": before, "plan_params": plan.num_params,
