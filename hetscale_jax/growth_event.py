@@ -31,7 +31,6 @@ noise-floor variant, whose picks at that event are those of the same run unpertu
 
 from collections.abc import Callable
 import dataclasses
-import functools
 import threading
 import time
 
@@ -96,11 +95,10 @@ def probe_loss(model, num_classes: int, smoothing: float, model_input: Callable)
   return loss_fn
 
 
-@functools.lru_cache
 def eligible(layer_kinds: tuple[str, ...]) -> Callable[[str], bool]:
-  """The layer filter of the spectrum: a layer path ends in one of the eligible kinds. Cached:
-  the filter is a static argument of the jitted spectrum, and a new function would recompile
-  it."""
+  """The layer filter of the spectrum: a layer path ends in one of the eligible kinds (the
+  spectrum keys its programs by the layers a filter keeps, so a new function compiles
+  nothing)."""
   return lambda path: path.rsplit("/", 1)[-1] in layer_kinds
 
 
