@@ -72,7 +72,8 @@ def measure(config, seed: int) -> list[dict]:
     if event:
       params = spec.count_params(state.variables)
       spectrum = common.random_spectrum(state.variables, g.layers, seed=event)
-      plan = grow.select(spectrum, growth_event.event_budget(g, params, [1.0] * (num_events - event + 1)),
+      plan = grow.select(spectrum,
+                         budget=growth_event.event_budget(g, params, [1.0] * (num_events - event + 1)),
                          rule="random", unit=g.unit, max_layer_fraction=g.max_layer_fraction,
                          rng=jax.random.fold_in(jax.random.key(seed), event))
       state = common.grow_state(trainer, state, plan, spectrum)

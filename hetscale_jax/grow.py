@@ -22,22 +22,28 @@ Every rule works with every unit and allocation, on one code path.
 """
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import dataclasses
+import warnings
 
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetscale_jax import layers
-from hetscale_jax.splitting import Spectrum, splitting_spectrum  # noqa: F401  (public API)
+from hetscale_jax import layers, sharding
+from hetscale_jax.layers import live_units  # noqa: F401  (public API)
+from hetscale_jax.models import deit
+from hetscale_jax.splitting import Spectrum, checked_key, splitting_spectrum  # noqa: F401  (public API)
 
 RULES = ("splitting", "splitting_abs", "row_sum", "grad_norm", "random", "uniform", "first_order")
 # The rules whose candidates are the neurons scoring below the threshold; the others rank all.
 THRESHOLD_RULES = ("splitting", "row_sum")
 UNITS = tuple(layers.UNIT_KINDS)
 ALLOCATIONS = ("global", "by_kind")
+# by_kind's default kinds: DeiT's layer names, the released code's four quotas. Another model
+# names its own (select's `kinds`).
+DEIT_KINDS = {name: name for name in deit.GROWABLE_LAYERS}
 MODES = ("exact", "split")
 # When a training run sizes its unit slots (growth.slots): "events", each event from its picks,
 # with room for the events still to come; "schedule", all before training (reserve_slots).
@@ -68,9 +74,22 @@ def layer_cap(neurons: int, max_layer_fraction: float) -> int:
 
 
 def layer_kind(path: str) -> str:
-  """A layer's kind, for by_kind allocation: the last part of its path ("fc1" of
-  "blocks_0/mlp/fc1")."""
+  """A layer's name: the last part of its path ("fc1" of "blocks_0/mlp/fc1"), which DEIT_KINDS
+  and a `kinds` dict map to kinds."""
   return path.rsplit("/", 1)[-1]
+
+
+Kinds = Mapping[str, str] | Callable[[str], str | None]
+
+
+def kind_of(path: str, kinds: Kinds) -> str | None:
+  """The kind of the layer at `path` under `kinds`: a function path -> kind (None: no kind), or
+  a dict {layer name (layer_kind): kind}; None where it names none."""
+  return kinds(path) if callable(kinds) else kinds.get(layer_kind(path))
+
+
+class EmptyPlanWarning(UserWarning):
+  """select chose no neuron; the message says why."""
 
 
 def spectrum_unit_cost(spectrum: Spectrum, unit: str) -> int:
@@ -180,12 +199,14 @@ def _first_layers_to_qualify(ranked, min_candidates: int, max_layers: int) -> se
   return set(qualified)
 
 
-def select(spectrum: dict[str, Spectrum], budget: int | None = None, threshold: float = 0.0, *,
+def select(spectrum: dict[str, Spectrum], *, budget: int | None = None, threshold: float = 0.0,
            max_units: int | None = None, rule: str = "splitting", unit: str = "gated",
-           allocation: str = "global", max_layer_fraction: float = 0.25, min_candidates: int = 1,
-           max_layers_per_kind: int = 3, rng: jax.Array | None = None) -> Plan:
+           allocation: str = "global", kinds: Kinds = DEIT_KINDS, max_layer_fraction: float = 0.25,
+           min_candidates: int = 1, max_layers_per_kind: int = 3,
+           rng: jax.Array | None = None) -> Plan:
   """Chooses neurons to grow within `budget` parameters and/or `max_units` units of kind `unit`
-  (at least one of the two; with both, both hold).
+  (at least one of the two; with both, both hold). Every argument but the spectrum is given by
+  name: a bare 8 could mean 8 parameters or 8 units.
 
   rule="splitting" (the paper's text): neurons whose normalised smallest eigenvalue is below
     `threshold`, most negative per parameter first.
@@ -201,13 +222,14 @@ def select(spectrum: dict[str, Spectrum], budget: int | None = None, threshold: 
     Lanczos start), no threshold; the units then use that random r.
 
   allocation="global": one ranking over every layer spends the budget. allocation="by_kind":
-  the budget (and max_units) is split into equal quotas per layer kind (layer_kind); within a
-  kind, the first max_layers_per_kind layers to have min_candidates candidates in the ranking
-  share its quota.
+  the budget (and max_units) is split into equal quotas per layer kind, as `kinds` names them
+  (kind_of; default DEIT_KINDS: qkv, proj, fc1, fc2); a layer of no kind gets no quota, with a
+  warning. Within a kind, the first max_layers_per_kind layers to have min_candidates
+  candidates in the ranking share its quota.
   Every rule takes at most max_layer_fraction of one layer's neurons per event, and at least
   one: a layer too small for the fraction to allow a whole neuron is never shut out.
   `rng` (a JAX key, default key 0) orders the random and uniform rules: the same inputs always
-  give the same plan.
+  give the same plan. A plan that grows nothing comes with an EmptyPlanWarning saying why.
   """
   if rule not in RULES:
     raise ValueError(f"rule={rule!r}: choose one of {RULES}")
@@ -224,27 +246,63 @@ def select(spectrum: dict[str, Spectrum], budget: int | None = None, threshold: 
   if min_candidates < 1 or max_layers_per_kind < 1:
     raise ValueError(f"min_candidates={min_candidates}, max_layers_per_kind="
                      f"{max_layers_per_kind}: both must be >= 1")
-  budget = np.inf if budget is None else budget
-  max_units = np.inf if max_units is None else max_units
-  rng = jax.random.key(0) if rng is None else rng
+  rng = checked_key(rng, "select")
+  limits = (np.inf if budget is None else budget, np.inf if max_units is None else max_units)
   costs = {p: spectrum_unit_cost(s, unit) for p, s in spectrum.items()}
   caps = {p: layer_cap(s.eigvals.shape[0], max_layer_fraction) for p, s in spectrum.items()}
-  ranked = _ranked(scores(spectrum, rule), costs, rule, threshold, rng)
+  score = scores(spectrum, rule)
+  ranked = _ranked(score, costs, rule, threshold, rng)
   if allocation == "global":
-    chosen = _greedy_fill(ranked, budget, max_units, costs, caps)
+    chosen = _greedy_fill(ranked, *limits, costs, caps)
+    quotas, names = limits, None
   else:
-    kinds = sorted({layer_kind(p) for p in spectrum})
-    share = lambda total: total if np.isinf(total) else total // len(kinds)  # a quota per kind
+    kind = {p: kind_of(p, kinds) for p in spectrum}
+    if unknown := sorted(p for p, k in kind.items() if k is None):
+      warnings.warn(f"select(allocation='by_kind'): layers {unknown} have no kind in `kinds`, "
+                    "so no quota; name them with kinds= (a dict {layer name: kind} or a "
+                    "function path -> kind)", stacklevel=2)
+    names = sorted({k for k in kind.values() if k is not None})
+    quotas = tuple(total if np.isinf(total) else total // max(len(names), 1) for total in limits)
     chosen = {}
-    for kind in kinds:
-      mine = [(p, j) for p, j in ranked if layer_kind(p) == kind]
+    for name in names:
+      mine = [(p, j) for p, j in ranked if kind[p] == name]
       eligible = _first_layers_to_qualify(mine, min_candidates, max_layers_per_kind)
-      chosen.update(_greedy_fill([(p, j) for p, j in mine if p in eligible], share(budget),
-                                 share(max_units), costs, caps))
+      chosen.update(_greedy_fill([(p, j) for p, j in mine if p in eligible], *quotas, costs,
+                                 caps))
   indices = {p: np.sort(np.asarray(chosen[p], np.int32)) for p in sorted(chosen) if chosen[p]}
+  if not indices:
+    warnings.warn(EmptyPlanWarning("select: the plan grows nothing: " + _why_empty(
+        score, ranked, costs, unit, rule, threshold, budget, max_units, quotas, names,
+        min_candidates)), stacklevel=2)
   direction = {"first_order": "random", "splitting_abs": "extreme"}.get(rule, "eigvec")
   return Plan(indices=indices, direction=direction, rule=rule, unit=unit,
               num_params=plan_params(indices, unit, spectrum))
+
+
+def _why_empty(score, ranked, costs, unit, rule, threshold, budget, max_units, quotas, names,
+               min_candidates) -> str:
+  """Why select chose nothing: the first limit that left no neuron. `quotas` are the limits
+  (budget, max_units) per kind under by_kind, whose kinds are `names` (None: global)."""
+  cheapest = min(costs.values(), default=0)
+  # Under by_kind, a limit is first split into quotas per kind.
+  gives = (lambda n: " is") if names is None else (lambda n: f" gives {n} per kind,")
+  if not costs:
+    return "the spectrum has no layer"
+  if names == []:
+    return "allocation='by_kind' and no layer has a kind in `kinds`"
+  if quotas[1] < 1:
+    return f"max_units={max_units}{gives(quotas[1])} below one unit"
+  if quotas[0] < cheapest:
+    return (f"budget={budget} parameters{gives(quotas[0])} below one {unit} unit's {cheapest} "
+            "parameters (budget counts parameters; max_units counts units)")
+  if not ranked:
+    lowest = min(float(np.min(v)) for v in score.values() if len(v))
+    return (f"no neuron scores below threshold={threshold} under rule {rule!r} (the lowest "
+            f"scores {lowest:.3g})")
+  if names is not None:
+    return (f"no layer of a kind in `kinds` has min_candidates={min_candidates} candidates, or "
+            "fits its kind's quota")
+  return "no candidate fits the budget, max_units and the layer caps together"
 
 
 def _gated_units(s: Spectrum, neurons, direction: str, mode: str, unit_scale: float):
@@ -270,6 +328,7 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
   function is unchanged and dL/da = 1/2 |r|^2 r^T S r / |r|^2. mode="split": |a| = 1 with
   the sign that lowers the loss, the splitting step; the loss moves by about -1/2 |r^T S r|
   per unit. Linear units are exact only: p+/- = +/-LINEAR_INIT [w_j, b_j], so q = 0.
+  Host work (numpy): nothing compiles, whatever the shapes.
   `reserve_events`: as layers.add_unit_packs (the events still to come in a schedule); with
   any, every layer of the spectrum gets room for units, also one that gets none now.
   """
@@ -277,7 +336,8 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
     raise ValueError(f"mode={mode!r}: choose one of {MODES}")
   if mode == "split" and plan.unit != "gated":
     raise ValueError(f"mode='split' needs gated units; the plan's are {plan.unit!r}")
-  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  params = traverse_util.flatten_dict(layers.checked_variables(variables, "grow")["params"],
+                                      sep="/")
   units = {}
   for path, neurons in plan.indices.items():
     if f"{path}/kernel" not in params:
@@ -286,9 +346,10 @@ def grow(variables, plan: Plan, spectrum: dict[str, Spectrum], mode: str = "exac
       units[path] = (neurons, *_gated_units(spectrum[path], neurons, plan.direction, mode,
                                             unit_scale))
     else:
-      row = jnp.concatenate([params[f"{path}/kernel"][:, neurons].T,
-                             params[f"{path}/bias"][neurons][:, None]], axis=-1)
-      units[path] = (neurons, LINEAR_INIT * row, -LINEAR_INIT * row)
+      kernel, bias = (np.asarray(sharding.host_value(params[f"{path}/{name}"]))
+                      for name in ("kernel", "bias"))
+      row = np.concatenate([kernel[:, neurons].T, bias[neurons][:, None]], axis=-1)
+      units[path] = (neurons, LINEAR_INIT * row, None)
   if reserve_events:  # a layer first grown by a later event then fits without a recompile
     for path in spectrum.keys() - units.keys():
       width = params[f"{path}/kernel"].shape[0] + 1
@@ -307,44 +368,49 @@ def schedule_room(unit: str, events: int, cap: int, d_out: int) -> tuple[int, ..
   return tuple(min(d_out, cap * (events - d)) for d in range(events))
 
 
-def reserve_slots(variables, events: int, unit: str, max_layer_fraction: float,
-                  layer_filter: Callable[[str], bool]):
-  """New variables in which every GrowableDense layer that `layer_filter` accepts (by path)
-  holds empty slots for the most units of kind `unit` that `events` growth events can put on
-  it: each adds at most layer_cap of its neurons, and a gated unit's depth is at most `events`.
-  Growing within such a schedule then never changes a shape: the train step compiles once, the
-  first compile already has the units' code, and every seed and rule of a config shares its
-  programs. Each depth lists schedule_room slots; a step computes the shortest prefix of the
-  list that holds its units (layers.bucket_sizes), rematerialised in the backward pass."""
+def reserve_slots(variables, events: int, unit: str = "gated", max_layer_fraction: float = 0.25,
+                  layer_filter: Callable[[str], bool] | None = None):
+  """New variables in which every GrowableDense layer that `layer_filter` accepts (by path;
+  None: every layer with a 2-d kernel, which in a model built from GrowableDense is every
+  one) holds empty slots for the most units of kind `unit` that `events` growth events can put
+  on it: each adds at most layer_cap of its neurons (select's max_layer_fraction, whose default
+  this shares), and a gated unit's depth is at most `events`.
+  Growing within such a schedule then never changes a shape: the train step and the spectrum
+  compile once, the first compile already has the units' code, and every seed and rule of a
+  config shares its programs. Each depth lists schedule_room slots; a step computes the
+  shortest prefix of the list that holds its units (layers.bucket_sizes), rematerialised in
+  the backward pass."""
   if unit not in UNITS:
     raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
-  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  params = traverse_util.flatten_dict(layers.checked_variables(variables, "reserve_slots")["params"],
+                                      sep="/")
   packs = {}
   for key, kernel in params.items():
     path = key[:-len("/kernel")]
-    if key.endswith("/kernel") and kernel.ndim == 2 and layer_filter(path):
+    if key.endswith("/kernel") and kernel.ndim == 2 and (layer_filter is None or layer_filter(path)):
       d_in, d_out = kernel.shape
       cap = layer_cap(d_out, max_layer_fraction)
       slots = layers.capacity(events * cap)
-      packs[path] = {unit: layers.empty_pack(unit, slots, d_in, kernel.dtype,
-                                             room=schedule_room(unit, events, cap, d_out))}
+      packs[path] = {unit: layers.on_device(layers.empty_pack(
+          unit, slots, d_in, kernel.dtype, room=schedule_room(unit, events, cap, d_out)))}
   return layers.set_packs(variables, packs)
 
 
 def add_units(variables, units: dict, unit: str = "gated", reserve_events: int = 0):
   """New variables with hand-placed units added to each named layer (pure function).
 
-  unit="gated": units {path: (indices [n], directions r [n, d_in+1], gains a [n])}; with gains
-    0 the function is unchanged.
+  unit="gated": units {path: (indices [n], directions r [n, d_in+1], gains a [n] or one for
+    all)}; with gains 0 (or None) the function is unchanged.
   unit="linear": units {path: (indices [n], p_plus [n, d_in+1], p_minus [n, d_in+1])}; with
-    p_minus = -p_plus the function is unchanged.
+    p_minus = -p_plus (or None, which means exactly that) the function is unchanged.
   Each row of a direction is [weights on x, offset]; indices are distinct neuron numbers.
   Arrays are cast to the layer kernel's dtype. grow() is this with the directions a Plan and a
-  Spectrum give.
+  Spectrum give. Host work (numpy): nothing compiles, whatever the shapes.
   """
   if unit not in UNITS:
     raise ValueError(f"unit={unit!r}: choose one of {UNITS}")
-  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  params = traverse_util.flatten_dict(layers.checked_variables(variables, "add_units")["params"],
+                                      sep="/")
   new = {}
   for path, (indices, first, second) in units.items():
     if f"{path}/kernel" not in params:
@@ -353,8 +419,13 @@ def add_units(variables, units: dict, unit: str = "gated", reserve_events: int =
     indices = np.asarray(indices, np.int32)
     if len(np.unique(indices)) != len(indices) or np.any(indices < 0) or np.any(indices >= kernel.shape[1]):
       raise ValueError(f"{path}: indices must be distinct neurons in [0, {kernel.shape[1]})")
-    first, second = (jnp.asarray(a, kernel.dtype) for a in (first, second))
     n, row = len(indices), kernel.shape[0] + 1
+    first = np.asarray(first, kernel.dtype)
+    if unit == "gated":  # a gain for every unit, or one for all (None: 0, the exact unit)
+      second = np.asarray(0 if second is None else second, kernel.dtype)
+      second = np.full(n, second) if second.ndim == 0 else second
+    else:
+      second = -first if second is None else np.asarray(second, kernel.dtype)
     expected = ((n, row), (n,) if unit == "gated" else (n, row))
     if (first.shape, second.shape) != expected:
       raise ValueError(f"{path}: {unit} units of {n} neurons need arrays of shapes {expected}, "
@@ -362,7 +433,7 @@ def add_units(variables, units: dict, unit: str = "gated", reserve_events: int =
     if unit == "gated":
       unit_params = {"r": first, "a": second}
     else:
-      p = jnp.stack([first, second], axis=1)
+      p = np.stack([first, second], axis=1)
       unit_params = {"w": p[..., :-1], "b": p[..., -1]}
     new[path] = layers.NewUnits(unit, indices, unit_params)
   return layers.add_unit_packs(variables, new, reserve_events)
@@ -390,6 +461,9 @@ def migrate_opt_state(tx, opt_state, new_params):
   their k-th step is (1 - b1^k) / sqrt(1 - b2^k) times too large (3.2x at the first, about
   6.6x around the twelfth).
   """
+  if isinstance(new_params, Mapping) and "params" in new_params:
+    raise TypeError("migrate_opt_state takes the grown variables['params'], not the variables: "
+                    "tx.init of the whole variables would start every entry afresh")
   old = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
 
   def keep_old(path, fresh):
@@ -398,5 +472,10 @@ def migrate_opt_state(tx, opt_state, new_params):
       return fresh
     if jnp.shape(prev) == jnp.shape(fresh):
       return prev
-    return fresh.at[:jnp.shape(prev)[0]].set(prev)  # more slots: the old ones keep their state
-  return jax.tree_util.tree_map_with_path(keep_old, tx.init(new_params))
+    # More slots: the old ones keep their state. On the host, as growing is: an op here would
+    # compile for every new shape.
+    value = np.array(sharding.host_value(fresh))
+    value[:jnp.shape(prev)[0]] = sharding.host_value(prev)
+    return jax.device_put(value)
+  # One program for the whole fresh state (op by op, every leaf's shape would compile).
+  return jax.tree_util.tree_map_with_path(keep_old, jax.jit(tx.init)(new_params))

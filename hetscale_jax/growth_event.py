@@ -31,7 +31,6 @@ noise-floor variant, whose picks at that event are those of the same run unpertu
 
 from collections.abc import Callable
 import dataclasses
-import functools
 import threading
 import time
 
@@ -96,11 +95,10 @@ def probe_loss(model, num_classes: int, smoothing: float, model_input: Callable)
   return loss_fn
 
 
-@functools.lru_cache
 def eligible(layer_kinds: tuple[str, ...]) -> Callable[[str], bool]:
-  """The layer filter of the spectrum: a layer path ends in one of the eligible kinds. Cached:
-  the filter is a static argument of the jitted spectrum, and a new function would recompile
-  it."""
+  """The layer filter of the spectrum: a layer path ends in one of the eligible kinds (the
+  spectrum keys its programs by the layers a filter keeps, so a new function compiles
+  nothing)."""
   return lambda path: path.rsplit("/", 1)[-1] in layer_kinds
 
 
@@ -199,8 +197,9 @@ def grow_state(config, model, tx, state, next_batches: list, *, weights_left: li
   start = time.perf_counter()
   loss_fn = probe_loss(model, num_classes, config.label_smoothing, model_input)
   spectrum = sharding.host_value(event_spectrum(config, loss_fn, variables, probe, step))
-  plan = grow.select(spectrum, event_budget(g, before, weights_left), g.threshold, rule=g.rule,
-                     unit=g.unit, allocation=g.allocation, max_layer_fraction=g.max_layer_fraction,
+  plan = grow.select(spectrum, budget=event_budget(g, before, weights_left), threshold=g.threshold,
+                     rule=g.rule, unit=g.unit, allocation=g.allocation,
+                     max_layer_fraction=g.max_layer_fraction,
                      min_candidates=g.min_candidates, max_layers_per_kind=g.max_layers_per_kind,
                      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), step))
   record = {"step": step, "params_before": before, "plan_params": plan.num_params,

@@ -55,6 +55,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from hetscale_jax import sharding
+
 # Unit nonlinearities s. Exact-erf GELU matches the DeiT MLP and is the default.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -179,6 +181,23 @@ def layer_packs(params: Mapping[str, Any], growth: Mapping[str, Any]) -> dict[st
   return packs
 
 
+def checked_variables(variables, caller: str):
+  """`variables` if it is a model's variables ({"params": ..., "growth": ...}, as model.init
+  returns them); a params tree (variables["params"]) is refused, naming `caller` and the fix."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise TypeError(f"{caller} takes the model's variables {{'params': ..., "
+                    f"'{GROWTH_COLLECTION}': ...}} as model.init returns them, not "
+                    "variables['params']: pass the whole variables")
+  return variables
+
+
+def unplaced_unit_fields(params: Mapping[str, Any], growth: Mapping[str, Any]) -> list[str]:
+  """The unit fields among one layer's params (keyed by name) whose kind has no slot index in
+  its growth collection: units that a model applied without that collection would drop."""
+  return sorted(name for name in params
+                if (kind := _kind_of(name)) is not None and param_name(kind, INDEX) not in growth)
+
+
 def _split(variables) -> tuple[dict, dict]:
   return (traverse_util.flatten_dict(variables["params"], sep="/"),
           traverse_util.flatten_dict(variables.get(GROWTH_COLLECTION, {}), sep="/"))
@@ -231,18 +250,35 @@ def abstract_pack(kind: str, lengths: list[int], slots: int, d_in: int, dtype, r
 
 def empty_pack(kind: str, slots: int, d_in: int, dtype, room: tuple[int, ...] = ()) -> UnitPack:
   """A pack of `slots` empty slots: room for units before any is added. With `room`, its
-  depths list that many slots each, all empty, and it counts the units each holds."""
-  return UnitPack(kind, jnp.zeros(slots, jnp.int32),
-                  tuple(jnp.full(n, slots, jnp.int32) for n in room),
-                  jnp.zeros(len(room), jnp.int32) if room else None,
-                  {f: jnp.zeros(s, dtype) for f, s in unit_shapes(kind, slots, d_in).items()})
+  depths list that many slots each, all empty, and it counts the units each holds. Numpy
+  arrays (on_device puts them on a device)."""
+  return UnitPack(kind, np.zeros(slots, np.int32),
+                  tuple(np.full(n, slots, np.int32) for n in room),
+                  np.zeros(len(room), np.int32) if room else None,
+                  {f: np.zeros(s, dtype) for f, s in unit_shapes(kind, slots, d_in).items()})
+
+
+def on_device(pack: UnitPack) -> UnitPack:
+  """`pack` with its arrays on the default device: one transfer each, no computation (host work
+  on packs is numpy, so that a growth event compiles nothing; jnp.asarray would compile a
+  conversion per shape)."""
+  return pack._replace(index=jax.device_put(pack.index), depths=jax.device_put(pack.depths),
+                       held=jax.device_put(pack.held), params=jax.device_put(pack.params))
+
+
+def _host_live(index, depths) -> np.ndarray:
+  """[C] bool on the host: the slots that the depth lists name (UnitPack.live in numpy)."""
+  live = np.zeros(np.shape(index)[0], bool)
+  slots = np.concatenate([np.zeros(0, np.int32), *map(np.asarray, depths)])
+  live[slots[slots < len(live)]] = True
+  return live
 
 
 def _new_depths(pack: UnitPack, depth: np.ndarray, first: int, slots: int):
   """(depth lists, held counts) of `pack` with the new units' slots first, first + 1, ... at
   `depth` each, the lists' empty entries renumbered `slots` (the new capacity). A pack with
   room writes into its lists' empty entries, lengthening a list only where they are too few;
-  one without gets lists exactly as long as their units."""
+  one without gets lists exactly as long as their units. Numpy, on the host."""
   old = [np.asarray(d) for d in pack.depths]
   held = [len(d) for d in old] if pack.held is None else np.asarray(pack.held).tolist()
   count = max(len(old), int(depth.max(initial=-1)) + 1)
@@ -254,8 +290,7 @@ def _new_depths(pack: UnitPack, depth: np.ndarray, first: int, slots: int):
     length = max(len(old[d]) if d < len(old) and pack.held is not None else 0, len(units))
     lists.append(np.concatenate([units, np.full(length - len(units), slots, np.int32)]))
     counts.append(len(units))
-  return tuple(jnp.asarray(d) for d in lists), (
-      None if pack.held is None else jnp.asarray(counts, jnp.int32))
+  return tuple(lists), None if pack.held is None else np.asarray(counts, np.int32)
 
 
 def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_events: int
@@ -263,10 +298,11 @@ def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_ev
   """`pack` (None: empty) with the new units in its first free slots. A gated unit's depth is
   the number of gated units already on its neuron; linear units all sit at depth 0. A pack too
   small grows to room for `reserve_events` more events like this one as well (as many units
-  each), its slots rounded up by `capacity`."""
+  each), its slots rounded up by `capacity`. Numpy, on the host: nothing compiles."""
   if pack is None:
     pack = empty_pack(new.kind, 0, d_in, dtype)
-  index, live = np.asarray(pack.index), np.asarray(pack.live)
+  index = np.asarray(pack.index)
+  live = _host_live(index, pack.depths)
   used, n = int(live.sum()), len(new.index)
   fits = 0 < len(index) and used + n <= len(index)
   slots = len(index) if fits else capacity(used + n * (1 + reserve_events))
@@ -280,9 +316,9 @@ def _appended(pack: UnitPack | None, new: NewUnits, d_in: int, dtype, reserve_ev
   index[used:used + n] = new_index
   params = {}
   for field, value in pack.params.items():
-    padded = jnp.pad(jnp.asarray(value, dtype), [(0, slots - value.shape[0])] + [(0, 0)] * (value.ndim - 1))
-    params[field] = padded.at[used:used + n].set(jnp.asarray(new.params[field], dtype))
-  return UnitPack(new.kind, jnp.asarray(index), depths, held, params)
+    params[field] = _pad(np.asarray(sharding.host_value(value), dtype), 0, slots)
+    params[field][used:used + n] = np.asarray(new.params[field], dtype)
+  return UnitPack(new.kind, index, depths, held, params)
 
 
 def _pad(array, axis: int, size: int):
@@ -305,8 +341,40 @@ def add_unit_packs(variables, units: Mapping[str, NewUnits], reserve_events: int
   for path, new in units.items():
     kernel = params[f"{path}/kernel"]
     old = current.get(path, {}).get(new.kind)
-    packs[path] = {new.kind: _appended(old, new, kernel.shape[0], kernel.dtype, reserve_events)}
+    packs[path] = {new.kind: on_device(_appended(old, new, kernel.shape[0], kernel.dtype,
+                                                  reserve_events))}
   return set_packs(variables, packs)
+
+
+class LiveUnits(NamedTuple):
+  """The units of one kind on one layer, in slot order (numpy)."""
+  slots: np.ndarray            # [n] the slots that hold them
+  neurons: np.ndarray          # [n] the neuron each sits on
+  depths: np.ndarray           # [n] each one's depth: 0 reads the layer's output, d the
+                               # output after the units at depths < d of its neuron
+  params: dict[str, np.ndarray]  # {field: [n, ...]}, as UNIT_KINDS names them
+
+
+def live_units(variables, path: str) -> dict[str, LiveUnits]:
+  """{kind: LiveUnits} of the layer at `path` ("blocks_0/mlp/fc1"): its units' neurons,
+  depths and parameters, without the empty slots; {} for a layer that never grew."""
+  checked_variables(variables, "live_units")
+  packs = grown_layers({"params": variables["params"],
+                        GROWTH_COLLECTION: sharding.host_value(variables.get(GROWTH_COLLECTION, {}))})
+  out = {}
+  for kind, pack in packs.get(path, {}).items():
+    # A depth's list names its units first; in a pack with room the rest is padding.
+    held = [len(d) for d in pack.depths] if pack.held is None else np.asarray(pack.held)
+    slots = np.concatenate([np.zeros(0, np.int32)] +
+                           [np.asarray(d)[:n] for d, n in zip(pack.depths, held)])
+    depths = np.concatenate([np.zeros(0, np.int32)] +
+                            [np.full(n, d, np.int32) for d, n in enumerate(held)])
+    order = np.argsort(slots, kind="stable")
+    slots, depths = slots[order], depths[order]
+    out[kind] = LiveUnits(slots, np.asarray(pack.index)[slots], depths,
+                          {f: np.asarray(sharding.host_value(v))[slots]
+                           for f, v in pack.params.items()})
+  return out
 
 
 def switch_off_units(variables):
@@ -524,8 +592,15 @@ class GrowableDense(nn.Module):
     y = lax.dot_general(
         inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision)
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    packs = layer_packs(self.variables.get("params", {}),
-                        self.variables.get(GROWTH_COLLECTION, {}))
+    params, growth = self.variables.get("params", {}), self.variables.get(GROWTH_COLLECTION, {})
+    if lost := unplaced_unit_fields(params, growth):
+      raise ValueError(
+          f"GrowableDense {'/'.join(self.path)!r} has unit parameters {lost} but not the "
+          f"{GROWTH_COLLECTION!r} collection that places them: apply all the variables, "
+          f"model.apply(variables, x) or model.apply({{'params': params, '{GROWTH_COLLECTION}': "
+          f"growth}}, x) (flax's TrainState drops it; hetscale_jax.train_state.TrainState "
+          "carries it along)")
+    packs = layer_packs(params, growth)
     if not packs:
       return y
     out = apply_unit_packs(y, inputs, packs, self.unit_activation)

@@ -35,6 +35,18 @@ def _bias_correction(moment, decay: float, count):
   return optax.tree.bias_correction(moment, decay, count)
 
 
+def _check_same_params(updates, moments):
+  """Refuses an optimizer state made for other parameters than the updates': parameters that
+  a growth event added, or unit fields it padded to more slots, with the state not migrated."""
+  ours = {jax.tree_util.keystr(k): jnp.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(updates)}
+  theirs = {jax.tree_util.keystr(k): jnp.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(moments)}
+  if ours != theirs:
+    field = next(k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k))
+    raise ValueError(f"optim.adamw: the optimizer state does not match the parameters at {field} "
+                     f"(state {theirs.get(field)}, parameters {ours.get(field)}): after growing, "
+                     "migrate it with grow.migrate_opt_state(tx, opt_state, new_params)")
+
+
 def scale_by_adam_per_param(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
                             ) -> optax.GradientTransformationExtraArgs:
   """optax.scale_by_adam, from optax's own tree helpers, with one step count per parameter leaf
@@ -47,6 +59,7 @@ def scale_by_adam_per_param(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-
 
   def update_fn(updates, state, params=None, *, live=None, **extra_args):
     del params, extra_args
+    _check_same_params(updates, state.mu)
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     live = jax.tree.map(lambda _: True, state.count) if live is None else live

@@ -101,8 +101,13 @@ def abstract_variables(spec: dict, base):
   params = traverse_util.flatten_dict(base["params"], sep="/")
   for path, layer in spec["layers"].items():
     if kernels.get(path) != (layer["d_in"], layer["d_out"]):
-      raise ValueError(f"spec layer {path!r} is {layer['d_in']}x{layer['d_out']} but the model "
-                       f"has {kernels.get(path)}: the checkpoint belongs to another architecture")
+      model = "none" if path not in kernels else "{}x{}".format(*kernels[path])
+      raise ValueError(f"spec.abstract_variables: the spec's layer {path!r} is "
+                       f"{layer['d_in']}x{layer['d_out']} but the model's is {model}: the spec "
+                       "(and its checkpoint) belongs to another architecture")
+  if extra := sorted(kernels.keys() - spec["layers"].keys()):
+    raise ValueError(f"spec.abstract_variables: the model's layers {extra} are not in the spec: "
+                     "the spec (and its checkpoint) belongs to another architecture")
   return layers.set_packs(base, {
       path: {kind: layers.abstract_pack(kind, layer["room"].get(kind, per_depth),
                                         layer["slots"][kind], layer["d_in"],

@@ -33,6 +33,7 @@ of its weights and bias, for a layer without units) serves the first-order score
 from collections.abc import Callable
 import contextlib
 import functools
+import hashlib
 from typing import Any
 
 import flax
@@ -125,11 +126,9 @@ def statistics_dtype(y) -> jnp.dtype:
   return jnp.promote_types(y.dtype, jnp.float32)
 
 
-def find_growable_layers(loss_fn: LossFn, variables, batch) -> dict[LayerPath, dict]:
-  """{path: dict(d_in, d_out, out, activation)} of every GrowableDense the loss calls.
-
-  Only traces the loss (jax.eval_shape); nothing is computed.
-  """
+def _recorded_trace(loss_fn: LossFn, variables, batch):
+  """(the loss's jaxpr on one batch, {path: dict(d_in, d_out, out, activation)} of every
+  GrowableDense it calls, in the order it calls them)."""
   found = {}
 
   def record(module, x, y):
@@ -142,12 +141,20 @@ def find_growable_layers(loss_fn: LossFn, variables, batch) -> dict[LayerPath, d
     return y
 
   with _on_growable_outputs(record):
-    # A fresh function each time: eval_shape caches traces by function, and a cached trace
-    # would skip the interceptor that records the layers.
-    jax.eval_shape(lambda v, b: loss_fn(v, b), variables, batch)
+    # A fresh function each time: traces are cached by function, and a cached trace would
+    # skip the interceptor that records the layers.
+    jaxpr = jax.make_jaxpr(lambda v, b: loss_fn(v, b))(variables, batch)
   if not found:
     raise ValueError("the loss calls no GrowableDense layer: nothing to compute a spectrum for.")
-  return found
+  return jaxpr, found
+
+
+def find_growable_layers(loss_fn: LossFn, variables, batch) -> dict[LayerPath, dict]:
+  """{path: dict(d_in, d_out, out, activation)} of every GrowableDense the loss calls.
+
+  Only traces the loss; nothing is computed.
+  """
+  return _recorded_trace(loss_fn, variables, batch)[1]
 
 
 def _as_batches(batch) -> list:
@@ -346,63 +353,45 @@ def select_layers(found: dict[LayerPath, dict], layer_filter: LayerFilter) -> di
   return kept
 
 
-class SameComputation:
-  """A function as a static jit argument, equal to another whenever both compute the same:
-  the same code object with the same closure contents, defaults and globals (by identity; a
-  functools.partial among the closure contents by what it computes), or a functools.partial of
-  such with the same arguments.
+class TracedLoss:
+  """A loss as a static jit argument, equal to another whenever both compute the same: keyed
+  by the loss's traced computation on the given variables and batch (its jaxpr's text, the
+  values of the arrays it closes over) and by the GrowableDense layers it calls, in order.
 
   jax.jit keys a static argument by equality, and two function objects are never equal: a fresh
-  `lambda v, b: loss(model, v, b)` on every call would compile the spectrum anew each time
-  (seconds), although nothing it computes changed. Keyed by what the function computes instead,
-  a fresh closure over the same objects reuses the compiled program. Anything else that is
-  not a Python function is keyed by identity.
+  `lambda v, b: loss(model, v, b)` at every growth event, or the same loss written on another
+  line, would compile the spectrum anew (seconds) although nothing it computes changed. The
+  trace is what decides: two closures over different model objects of the same architecture
+  share the program, two that compute differently (another constant, another layer) do not.
+  `layers` {path: activation} are the calls' paths, which the spectrum's results are keyed by.
   """
 
-  def __init__(self, fn: Callable):
+  def __init__(self, fn: Callable, jaxpr, layers: tuple):
     self.fn = fn
-    self._key = self._identity(fn)
-
-  @classmethod
-  def _identity(cls, fn) -> tuple:
-    if isinstance(fn, functools.partial):
-      return ("partial", cls._identity(fn.func), tuple(map(_Same, fn.args)),
-              tuple(sorted((k, _Same(v)) for k, v in fn.keywords.items())))
-    code = getattr(fn, "__code__", None)
-    if code is None or not hasattr(fn, "__globals__"):
-      return ("object", _Same(fn))
-    cells = tuple(cls._identity(c.cell_contents) if isinstance(c.cell_contents, functools.partial)
-                  else _Same(c.cell_contents) for c in fn.__closure__ or ())
-    defaults = tuple(map(_Same, fn.__defaults__ or ()))
-    keyword_defaults = tuple(sorted((k, _Same(v)) for k, v in (fn.__kwdefaults__ or {}).items()))
-    return ("function", code, cells, defaults, keyword_defaults, _Same(fn.__globals__))
+    self._key = (str(jaxpr.jaxpr), tuple(map(_value_key, jaxpr.consts)), layers)
 
   def __hash__(self):
     return hash(self._key)
 
   def __eq__(self, other):
-    return isinstance(other, SameComputation) and self._key == other._key
+    return isinstance(other, TracedLoss) and self._key == other._key
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
 
 
-class _Same:
-  """Compares numbers and strings by value, anything else by identity (an array or a model
-  that is another object may hold other values); holds the object, so that its id is not
-  reused meanwhile."""
+def _value_key(array) -> tuple:
+  """An array by value: shape, dtype and a digest of its bytes (a closed-over array that is
+  another object may hold the same values, or other ones)."""
+  value = np.asarray(array)
+  return value.shape, str(value.dtype), hashlib.sha256(value.tobytes()).hexdigest()
 
-  _BY_VALUE = (bool, int, float, complex, str, bytes, type(None))
 
-  def __init__(self, obj):
-    self.obj = obj
-    self._key = (type(obj), obj) if isinstance(obj, self._BY_VALUE) else id(obj)
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Same) and self._key == other._key
+def traced_loss(loss_fn: LossFn, variables, batch) -> tuple[TracedLoss, dict[LayerPath, dict]]:
+  """(loss_fn keyed by its computation, find_growable_layers' result) from one trace of the
+  loss on `batch` (one batch, not a list)."""
+  jaxpr, found = _recorded_trace(loss_fn, variables, batch)
+  return TracedLoss(loss_fn, jaxpr, tuple((p, s["activation"]) for p, s in found.items())), found
 
 
 def _start_vectors(rng, shapes: dict[LayerPath, tuple], places: dict[LayerPath, int]):
@@ -418,13 +407,13 @@ def _start_vectors(rng, shapes: dict[LayerPath, tuple], places: dict[LayerPath, 
   return start, restart_keys, restart_rng
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "layer_filter"))
-def _collected_statistics(loss_fn, variables, batch, layer_filter=None):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "kept"))
+def _collected_statistics(loss_fn, variables, batch, kept):
   """The model's part of the collected method: statistics, G = sum_tokens g x~ (straight from
-  them: no pass of its own) and input scales."""
-  stats = collect_layer_statistics(loss_fn, variables, batch, layer_filter)
+  them: no pass of its own) and input scales, of the `kept` layers (paths)."""
+  stats = collect_layer_statistics(loss_fn, variables, batch, kept.__contains__)
   gradients = {p: g.T @ x_tilde for p, (x_tilde, _, g) in stats.items()}
-  return stats, gradients, input_scales(loss_fn, variables, batch, layer_filter)
+  return stats, gradients, input_scales(loss_fn, variables, batch, kept.__contains__)
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "places", "activations"))
@@ -441,12 +430,12 @@ def _collected_solve(stats, rng, num_iters, places, activations):
   return _collected_pairs(stats, groups, start, restart_keys, num_iters), start
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "layer_filter"))
-def _streamed(loss_fn, variables, batch, rng, num_iters, layer_filter=None):
-  """The streamed method, one program: every product re-runs the network for all layers, one
-  Krylov sequence for them all."""
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters", "kept"))
+def _streamed(loss_fn, variables, batch, rng, num_iters, kept):
+  """The streamed method, one program: every product re-runs the network for all `kept`
+  layers (paths), one Krylov sequence for them all."""
   found = find_growable_layers(loss_fn, variables, _as_batches(batch)[0])
-  shapes = select_layers(found, layer_filter)
+  shapes = {p: found[p] for p in kept}
   start, _, restart_rng = _start_vectors(
       rng, {p: (s["d_out"], s["d_in"] + 1, statistics_dtype(s["out"])) for p, s in shapes.items()},
       {p: i for i, p in enumerate(sorted(found))})
@@ -456,28 +445,44 @@ def _streamed(loss_fn, variables, batch, rng, num_iters, layer_filter=None):
   pairs = unstack_groups(lanczos_extremes(
       lambda vecs: stack_groups(hvp(unstack_groups(vecs, groups)), groups),
       stack_groups(start, groups), restart_rng, num_iters), groups)
-  gradients = output_gradients(loss_fn, variables, batch, layer_filter)
-  scales = input_scales(loss_fn, variables, batch, layer_filter)
+  gradients = output_gradients(loss_fn, variables, batch, kept.__contains__)
+  scales = input_scales(loss_fn, variables, batch, kept.__contains__)
   return pairs, start, gradients, scales
 
 
 def _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter=None):
   # The layers of the first batch: loss_fn takes one batch, never the list.
-  found = find_growable_layers(loss_fn, variables, _as_batches(batch)[0])
+  loss_fn, found = traced_loss(loss_fn, variables, _as_batches(batch)[0])
   shapes = select_layers(found, layer_filter)
+  # The kept layers by path, a static argument: two filters that keep the same layers share
+  # the programs.
+  kept = tuple(sorted(shapes))
   if method == "collected":
-    stats, gradients, scales = _collected_statistics(loss_fn, variables, batch, layer_filter)
+    stats, gradients, scales = _collected_statistics(loss_fn, variables, batch, kept)
     pairs, start = _collected_solve(
         stats, rng, num_iters, tuple((p, i) for i, p in enumerate(sorted(found)) if p in shapes),
         tuple(sorted((p, s["activation"]) for p, s in shapes.items())))
   else:
-    pairs, start, gradients, scales = _streamed(loss_fn, variables, batch, rng, num_iters,
-                                                layer_filter)
+    pairs, start, gradients, scales = _streamed(loss_fn, variables, batch, rng, num_iters, kept)
   return {p: Spectrum(eigvals=r.eigvals, eigvecs=r.eigvecs, residuals=r.residuals,
                       eigvals_max=r.eigvals_max, eigvecs_max=r.eigvecs_max, input_scale=scales[p],
                       start_dirs=start[p], start_rayleigh=r.start_rayleigh,
                       gradient=gradients[p], activation=shapes[p]["activation"])
           for p, r in pairs.items()}
+
+
+def checked_key(rng, caller: str) -> jax.Array:
+  """`rng` if it is a JAX key (jax.random.key's, or jax.random.PRNGKey's raw uint32[2]); key 0
+  for None. Anything else is refused by `caller`'s name, with the call that makes a key."""
+  if rng is None:
+    return jax.random.key(0)
+  dtype = getattr(rng, "dtype", None)
+  if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                            or (dtype == np.uint32 and np.shape(rng) == (2,))):
+    return rng
+  example = rng if isinstance(rng, int) else 0
+  raise TypeError(f"{caller}(rng={rng!r}): rng must be a JAX key, e.g. "
+                  f"rng=jax.random.key({example})")
 
 
 # Chosen for what growth uses: the neurons an event picks have the most negative eigenvalues,
@@ -501,10 +506,10 @@ def splitting_spectrum(loss_fn: LossFn, variables, batch, *, num_iters: int = DE
   layer_filter(path) -> bool, e.g. of "blocks_0/attn/qkv", says which layers to compute
   (None: all); the others cost nothing and are absent from the result.
 
-  The spectrum compiles once per model, loss, batch shapes and settings: loss_fn and
-  layer_filter are keyed by what they compute (SameComputation), so a fresh closure such as
-  `lambda v, b: loss(model, v, b)` on every call reuses the compiled program as long as it
-  closes over the same objects.
+  The spectrum compiles once per computation, batch shapes and settings: loss_fn is keyed by
+  what it computes (TracedLoss: its trace on these variables), layer_filter by the layers it
+  keeps, so a fresh closure such as `lambda v, b: loss(model, v, b)` at every event, or the
+  same loss written elsewhere, reuses the compiled program.
   A kept layer starts from the same vectors whatever the filter; with method "streamed" the
   random vectors that restart a broken-down sequence depend on which layers are kept.
   """
@@ -512,6 +517,5 @@ def splitting_spectrum(loss_fn: LossFn, variables, batch, *, num_iters: int = DE
     raise ValueError(f"method={method!r}: choose one of {METHODS}")
   if num_iters < 1:
     raise ValueError(f"num_iters={num_iters}: must be >= 1")
-  rng = jax.random.key(0) if rng is None else rng
-  return _spectrum(SameComputation(loss_fn), variables, batch, rng, num_iters, method,
-                   None if layer_filter is None else SameComputation(layer_filter))
+  rng = checked_key(rng, "splitting_spectrum")
+  return _spectrum(loss_fn, variables, batch, rng, num_iters, method, layer_filter)

@@ -58,8 +58,10 @@ def test_select_splitting_most_negative_per_parameter_first():
   # A threshold below zero: normalised eigenvalue < -2.2 only (a0 -4, a3 -3, b0 -3, b3 -2.5).
   plan = grow.select(spectrum, budget=10_000, threshold=-2.2, max_layer_fraction=1.0)
   assert chosen(plan) == {"a": [0, 3], "b": [0, 3]}
-  # Nothing below the threshold: an empty plan.
-  plan = grow.select(spectrum, budget=10_000, threshold=-10.0)
+  # Nothing below the threshold: an empty plan, and a warning that says so.
+  with pytest.warns(grow.EmptyPlanWarning, match=r"no neuron scores below threshold=-10.0 .*"
+                    r"the lowest scores -4\)"):
+    plan = grow.select(spectrum, budget=10_000, threshold=-10.0)
   assert plan.indices == {} and plan.num_params == 0
 
 
@@ -96,7 +98,7 @@ def cap(fraction, d_out):
 def test_every_rule_honours_budget_and_cap(rule, unit, allocation, budget, fraction):
   spectrum = _big_spectrum()
   plan = grow.select(spectrum, budget=budget, rule=rule, unit=unit, allocation=allocation,
-                     max_layer_fraction=fraction, rng=jax.random.key(1))
+                     kinds=lambda path: path, max_layer_fraction=fraction, rng=jax.random.key(1))
   assert plan.rule == rule and plan.unit == unit
   assert plan.num_params <= budget
   assert plan.num_params == sum(len(i) * grow.spectrum_unit_cost(spectrum[p], unit)

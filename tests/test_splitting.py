@@ -272,7 +272,7 @@ def assert_finite_and_exact_growth(model, variables, batch, spectrum, statistics
     for name, value in jax.tree_util.tree_leaves_with_path(s):  # the arrays, not the activation
       assert value.dtype == statistics_dtype, (path, name)
       assert np.all(np.isfinite(np.asarray(value))), (path, name)
-  plan = grow.select(spectrum, 10_000, 0.0)
+  plan = grow.select(spectrum, budget=10_000, threshold=0.0)
   assert plan.indices, "no neuron to grow: the check would mean nothing"
   apply = jax.jit(model.apply)
   before = apply(variables, batch[0])
@@ -350,7 +350,7 @@ def test_default_num_iters_converges_on_deit_ti_shapes():
   # A growth event's choice with a budget of one neuron in ten, from Lanczos and from dense.
   budget = sum(len(e) // 10 * grow.spectrum_unit_cost(spectrum[p], "gated") for p, e in exact.items())
   dense = {p: s.replace(eigvals=jnp.asarray(exact[p][:, 0], jnp.float32)) for p, s in spectrum.items()}
-  plan, dense_plan = grow.select(spectrum, budget), grow.select(dense, budget)
+  plan, dense_plan = grow.select(spectrum, budget=budget), grow.select(dense, budget=budget)
   chosen = np.concatenate([np.abs(np.asarray(spectrum[p].eigvals, np.float64)[i] - exact[p][i, 0])
                            / np.abs(exact[p][i, 0]) for p, i in dense_plan.indices.items()])
   stats_of = lambda e: f"median {np.median(e):.2e}  p90 {np.percentile(e, 90):.2e}  max {e.max():.2e}"
