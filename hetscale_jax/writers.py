@@ -10,6 +10,7 @@ writes, so a multi-host run produces one copy.
 """
 
 from collections.abc import Mapping
+import contextlib
 import json
 import time
 from typing import Any
@@ -30,7 +31,10 @@ class JsonlWriter(metric_writers.MetricWriter):
   """
 
   def __init__(self, path: epath.Path):
-    self._file = path.open("a")
+    # Entered, not just called: epath's TensorFlow backend (gs:// where TensorFlow is
+    # installed) opens a file as a context manager, not as a file object.
+    self._open = contextlib.ExitStack()
+    self._file = self._open.enter_context(path.open("a"))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     records = {}
@@ -67,7 +71,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.flush()
 
   def close(self):
-    self._file.close()
+    self._open.close()
 
 
 def create(workdir: str) -> metric_writers.MetricWriter:

@@ -2,8 +2,9 @@
 etils.epath, tested here without network on fsspec's in-memory filesystem.
 
 epath sends gs:// paths to TensorFlow's gfile where TensorFlow is installed, else to fsspec;
-here EPATH_USE_TF=false and the fsspec backend's filesystem is an in-memory one, so the code
-under test builds, joins and opens the same gs:// paths it would on Cloud TPU. TensorBoard's
+here epath is told TensorFlow is absent (as EPATH_USE_TF=false tells it) and the fsspec
+backend's filesystem is an in-memory one, so the code under test builds, joins and opens the
+same gs:// paths it would on Cloud TPU; TensorFlow's gfile is tested apart, on local disk. TensorBoard's
 event files (TensorFlow's own gs:// support) and orbax's checkpoints (tensorstore's) reach a
 bucket through those libraries, which need the network: they are not exercised here.
 """
@@ -12,6 +13,7 @@ import json
 
 from etils import epath
 from etils.epath import backend
+from etils.epath import gpath
 import fsspec
 import pytest
 
@@ -29,7 +31,9 @@ def bucket(monkeypatch):
   memory = fsspec.filesystem("memory", skip_instance_cache=True)
   memory.store.clear()
   memory.pseudo_dirs[:] = [""]
-  monkeypatch.setenv("EPATH_USE_TF", "false")
+  # What EPATH_USE_TF=false does, set where epath reads it: it caches the answer at the
+  # process's first gs:// path, which another test may have made.
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
   monkeypatch.setattr(backend.fsspec_backend, "fs", lambda path: memory)
   return memory
 
@@ -71,3 +75,20 @@ def test_metrics_summary_plots_and_export_are_written_to_the_bucket(bucket, tiny
       "architecture.txt", "config.json", "spec.json", "variables.msgpack"]
   assert f"{RUN}/export/variables.msgpack" in bucket.store
   assert not [path for path in bucket.store if "partial" in path]
+
+
+def test_metrics_are_written_through_tensorflows_gfile(tmp_path):
+  """Where TensorFlow is installed, as on Cloud TPU, epath opens a gs:// file through
+  TensorFlow's gfile as a context manager rather than a file object: the metrics writer
+  takes both (gfile on local disk here, as it would write to the bucket)."""
+
+  class GfilePath:  # the one call the writer makes on its path
+    def open(self, mode):
+      return backend.tf_backend.open(str(tmp_path / workdir_lib.METRICS_FILE), mode)
+
+  writer = writers.JsonlWriter(GfilePath())
+  writer.write_scalars(3, {"train/loss": 0.5, "eval/top1": 0.25})
+  writer.close()
+  records = writers.read_jsonl(tmp_path / workdir_lib.METRICS_FILE)
+  assert [{k: v for k, v in r.items() if k != "time"} for r in records] == [
+      {"kind": "train", "step": 3, "loss": 0.5}, {"kind": "eval", "step": 3, "top1": 0.25}]
