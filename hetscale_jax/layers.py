@@ -145,12 +145,18 @@ class UnitPack(NamedTuple):
     slots = jnp.concatenate([jnp.zeros(0, jnp.int32), *self.depths])
     return jnp.zeros(np.shape(self.index), jnp.bool_).at[slots].set(True, mode="drop")
 
-  def units_per_depth(self) -> list[int]:
-    """The units at each depth, down to the deepest that holds any (host values: the held
-    counts are read where there are any)."""
+  def held_per_depth(self) -> list[int]:
+    """The units each depth holds, on the host: its list's length, or in a pack with room its
+    held count (the list's first entries)."""
     if self.held is None:
       return [int(np.shape(slots)[0]) for slots in self.depths]
-    held = np.asarray(self.held).tolist()
+    return np.asarray(self.held).tolist()
+
+  def units_per_depth(self) -> list[int]:
+    """The units at each depth, down to the deepest that holds any."""
+    held = self.held_per_depth()
+    if self.held is None:
+      return held
     return held[:max((d + 1 for d, n in enumerate(held) if n), default=0)]
 
 
@@ -280,7 +286,7 @@ def _new_depths(pack: UnitPack, depth: np.ndarray, first: int, slots: int):
   room writes into its lists' empty entries, lengthening a list only where they are too few;
   one without gets lists exactly as long as their units. Numpy, on the host."""
   old = [np.asarray(d) for d in pack.depths]
-  held = [len(d) for d in old] if pack.held is None else np.asarray(pack.held).tolist()
+  held = pack.held_per_depth()
   count = max(len(old), int(depth.max(initial=-1)) + 1)
   lists, counts = [], []
   for d in range(count):
@@ -364,7 +370,7 @@ def live_units(variables, path: str) -> dict[str, LiveUnits]:
   out = {}
   for kind, pack in packs.get(path, {}).items():
     # A depth's list names its units first; in a pack with room the rest is padding.
-    held = [len(d) for d in pack.depths] if pack.held is None else np.asarray(pack.held)
+    held = pack.held_per_depth()
     slots = np.concatenate([np.zeros(0, np.int32)] +
                            [np.asarray(d)[:n] for d, n in zip(pack.depths, held)])
     depths = np.concatenate([np.zeros(0, np.int32)] +
