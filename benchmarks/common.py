@@ -13,7 +13,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from hetscale_jax import datasets, grow, input_pipeline, sharding, spec, splitting, train
+from hetscale_jax import datasets, grow, input_pipeline, sharding, splitting, train
 
 # Classes of the datasets whose files a benchmark machine may lack (digits ships inside).
 NUM_CLASSES = {"cifar100": 100, "imagenet100": 100}

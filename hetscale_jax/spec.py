@@ -9,7 +9,6 @@ abstract variables of the ungrown model (jax.eval_shape of model.init).
 import json
 
 from flax import traverse_util
-import jax
 import numpy as np
 
 from hetscale_jax import layers, sharding

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from conftest import TINY_CLASSES, TINY_DEIT, TINY_IMG, make_deit
