@@ -110,6 +110,13 @@ def with_slots(config, slots: str):
   return config
 
 
+def timed(fn, *args):
+  """(result, seconds) of fn(*args), its arrays computed."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
 def seconds_per_step(compiled, state, batch, steps: int):
   """Runs `steps` steps from `state`; returns (seconds per step, the state after)."""
   start = time.perf_counter()

@@ -120,12 +120,6 @@ def layout(variables) -> str:
           f"depth {{{histogram}}}")
 
 
-def timed(fn, *args) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
 def main(argv):
   del argv
   print(common.machine())
@@ -176,7 +170,7 @@ def main(argv):
       jax.block_until_ready((state, metrics))
       seconds = time.perf_counter() - start
       entry[1] = state
-      eval_seconds = timed(evaluate, state.variables, eval_batch)
+      _, eval_seconds = common.timed(evaluate, state.variables, eval_batch)
       if r:
         train_times[name].append(seconds)
         eval_times[name].append(eval_seconds)

@@ -93,13 +93,6 @@ def make_train_step(model):
   return train_step
 
 
-def timed(fn, *args):
-  """(result, seconds) of fn(*args), its arrays computed."""
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - start
-
-
 def run(events: int, slots: str, steps: int, units: int, batch_size: int) -> list[dict]:
   model = CharLM()
   data = batches(corpus(), batch_size)
@@ -116,23 +109,23 @@ def run(events: int, slots: str, steps: int, units: int, batch_size: int) -> lis
   for event in range(events + 1):
     step_times = []
     for _ in range(steps):
-      state, seconds = timed(train_step, state, next(data))
+      state, seconds = common.timed(train_step, state, next(data))
       step_times.append(seconds)
     if event == events:
       break
     probe = next(data)
     row = {"event": event + 1, "step": statistics.median(step_times[1:])}
     # A fresh lambda at every event, as research code writes one.
-    spectrum, row["spectrum"] = timed(lambda: grow.splitting_spectrum(
+    spectrum, row["spectrum"] = common.timed(lambda: grow.splitting_spectrum(
         lambda v, b: loss(model, v, b), state.variables, probe))
     start = time.perf_counter()
     plan = grow.select(spectrum, max_units=units)
     row["select"] = time.perf_counter() - start
-    grown, row["grow"] = timed(grow.grow, state.variables, plan, spectrum)
-    opt_state, row["migrate"] = timed(grow.migrate_opt_state, tx, state.opt_state,
+    grown, row["grow"] = common.timed(grow.grow, state.variables, plan, spectrum)
+    opt_state, row["migrate"] = common.timed(grow.migrate_opt_state, tx, state.opt_state,
                                       grown["params"])
     state = state.replace(params=grown["params"], growth=grown["growth"], opt_state=opt_state)
-    state, row["first_step"] = timed(train_step, state, next(data))
+    state, row["first_step"] = common.timed(train_step, state, next(data))
     row["total"] = sum(row[k] for k in ("spectrum", "select", "grow", "migrate", "first_step"))
     rows.append(row)
     print(f"event {row['event']}: spectrum {row['spectrum']:.2f} s, select {row['select']:.3f} "
