@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetscale_jax import compile_log, grow, losses, sharding, spec, unit_only
+from hetscale_jax import compile_log, grow, layers, losses, sharding, spec, unit_only
 from hetscale_jax.layers import GROWTH_COLLECTION
 
 
@@ -113,8 +113,12 @@ def scheduled_slots(config, variables):
 
 
 def event_spectrum(config, loss_fn, variables, probe: list, step: int):
-  """The spectrum a growth event at `step` scores `variables` by, on the probe batches."""
+  """The spectrum a growth event at `step` scores `variables` by, on the probe batches. It
+  computes on exact depth lists (layers.exact_lists): it runs once per event, so a program
+  without the train step's choice of prefixes compiles faster, and before the first event it
+  has no unit code at all; the warm-up thread compiles each event's between events."""
   g = config.growth
+  variables = layers.exact_lists(variables)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # eager: not the spectrum's
   with compile_log.program("spectrum"):
     return grow.splitting_spectrum(

@@ -75,6 +75,9 @@ CONTRIBUTION = ("intermediates", "unit_contribution")
 UNIT_KINDS = {"linear": ("w", "b"), "gated": ("r", "a")}
 INDEX, DEPTH, HELD = "index", "depth", "held"
 MIN_CAPACITY = 8
+# The shortest prefix of a depth list with room that gets a branch of its own: a shorter one
+# saves less compute than its compiling costs (BENCHMARKS.md).
+MIN_PREFIX = 32
 
 
 def _check_kind(kind: str):
@@ -383,6 +386,27 @@ def live_units(variables, path: str) -> dict[str, LiveUnits]:
   return out
 
 
+def exact_lists(variables):
+  """The variables with each pack's depth lists cut to exactly its units and no held counts:
+  the same function, computed without the run-time choice of prefixes, in a program whose
+  shapes change with every event (one that runs once per event, such as the spectrum, compiles
+  faster so; one with no unit yet has no unit code at all). Host work: `growth` in numpy."""
+  params, growth = _split(variables)
+  held_keys = [k for k in growth if k.rsplit("/", 1)[-1] in
+               {param_name(kind, HELD) for kind in UNIT_KINDS}]
+  for key in held_keys:
+    path, name = key.rpartition("/")[::2]
+    kind = name[:-len(HELD) - 1]
+    prefix = path + "/" if path else ""
+    pack = layer_packs(_sub(params, path), _sub(growth, path))[kind]
+    for depth in range(len(pack.depths)):
+      del growth[prefix + depth_name(kind, depth)]
+    del growth[key]
+    for depth, units in enumerate(pack.units_per_depth()):
+      growth[prefix + depth_name(kind, depth)] = np.asarray(pack.depths[depth])[:units]
+  return {**variables, GROWTH_COLLECTION: traverse_util.unflatten_dict(growth, sep="/")}
+
+
 def switch_off_units(variables):
   """The variables with every unit parameter zeroed: each unit's contribution is then exactly
   0 (a = 0; p+ = p- = 0), so the model computes its ungrown function."""
@@ -517,11 +541,11 @@ def _add_units(yt, xt, kind: str, rows: dict, neurons, activation: str, how: str
 
 def bucket_sizes(length: int) -> list[int]:
   """The prefixes of a depth list with room that a step may choose from: 0, the whole list, and
-  quarters of the one above down to MIN_CAPACITY. Each is a branch that compiles, forward and
-  backward (on CPU compile time grows with their number), so a depth with units computes at
-  most four times as many slots as it holds, or MIN_CAPACITY."""
+  quarters of the one above down to MIN_PREFIX. Each is a branch that compiles, forward and
+  backward, and on CPU compile time grows with their number (BENCHMARKS.md), so a depth with
+  units computes at most four times as many slots as it holds, or MIN_PREFIX."""
   sizes = [length] if length else []
-  while sizes and sizes[-1] // 4 >= MIN_CAPACITY:
+  while sizes and sizes[-1] // 4 >= MIN_PREFIX:
     sizes.append(sizes[-1] // 4)
   return [0] + sizes[::-1]
 
@@ -530,19 +554,19 @@ def _add_depth(yt, xt, kind, index, params, slots, held, activation, how):
   """yt plus the units of one depth, whose list is `slots`. Without held counts the list is
   exactly its units, and all compute; with them (a pack with room), the shortest prefix of
   bucket_sizes that holds the `held` units, chosen at run time and rematerialised in the
-  backward pass, so that the prefixes not taken keep no residuals."""
-  rows, neurons = _gather_slots(index, params, slots, yt.shape[0], yt.dtype)
-  if held is None:
-    return _add_units(yt, xt, kind, rows, neurons, activation, how)
-  sizes = bucket_sizes(slots.shape[0])
-
+  backward pass, so that the prefixes not taken keep no residuals. A prefix gathers its own
+  slots' parameters: a depth that holds nothing moves nothing."""
   def prefix(size):
-    def run(yt, xt, rows, neurons):
-      return _add_units(yt, xt, kind, {f: v[:size] for f, v in rows.items()}, neurons[:size],
-                        activation, how)
-    return (lambda yt, *_: yt) if size == 0 else jax.checkpoint(run)
+    def run(yt, xt, index, params, slots):
+      rows, neurons = _gather_slots(index, params, slots[:size], yt.shape[0], yt.dtype)
+      return _add_units(yt, xt, kind, rows, neurons, activation, how)
+    return run
+  if held is None:
+    return prefix(slots.shape[0])(yt, xt, index, params, slots)
+  sizes = bucket_sizes(slots.shape[0])
   which = jnp.sum(jnp.asarray(sizes, jnp.int32) < held)  # the first size that holds them
-  return lax.switch(which, [prefix(size) for size in sizes], yt, xt, rows, neurons)
+  return lax.switch(which, [(lambda yt, *_: yt) if size == 0 else jax.checkpoint(prefix(size))
+                            for size in sizes], yt, xt, index, params, slots)
 
 
 def apply_unit_packs(y, x, packs: Mapping[str, UnitPack], activation: str = "gelu"):

@@ -265,37 +265,56 @@ def _one_layer(variables):
   return {name: tree["dense"] for name, tree in variables.items()}
 
 
-def _three_depths(dtype):
+def _three_depths(dtype, room: int = 7):
   """Variables of one GrowableDense with gated units at three depths (exact lists), and the
-  same units in a pack with room: every depth listing 7 slots (empty ones padded)."""
+  same units in a pack with room: every depth listing `room` slots (empty ones padded)."""
   base = _base_params(dtype)
   stages = [_random_stage(np.array([4, 1, 0]), 30, dtype),
             _random_stage(np.array([1, 2, 4]), 31, dtype),
             _random_stage(np.array([1]), 32, dtype)]
   exact = _variables_with_stages(base, stages)
-  room = layers.empty_pack("gated", layers.capacity(7), D_IN, dtype, room=(7, 7, 7))
-  held = {"params": {"dense": base}}
-  held = layers.set_packs(held, {"dense": {"gated": room}})
+  pack = layers.empty_pack("gated", layers.capacity(room), D_IN, dtype, room=(room,) * 3)
+  held = layers.set_packs({"params": {"dense": base}}, {"dense": {"gated": pack}})
   for index, r, a in stages:
     held = layers.add_unit_packs(held, {"dense": layers.NewUnits("gated", index, {"r": r, "a": a})})
   held = _one_layer(held)
   return exact, held
 
 
-def test_a_pack_with_room_computes_what_exact_lists_compute(x64):
+@pytest.mark.parametrize("room", [7, 130])  # the whole lists; prefixes of 32 of them
+def test_a_pack_with_room_computes_what_exact_lists_compute(x64, room):
   """Lists padded to a schedule's room (held counts, prefixes chosen at run time) give the
   values and gradients that lists as long as their units give."""
-  exact, held = _three_depths(jnp.float64)
-  assert [len(d) for d in layers.layer_packs(held["params"], held["growth"])["gated"].depths] == [7, 7, 7]
+  exact, held = _three_depths(jnp.float64, room)
+  assert [len(d) for d in layers.layer_packs(held["params"], held["growth"])["gated"].depths] == [room] * 3
   np.testing.assert_array_equal(held["growth"]["gated_held"], [4, 2, 1])
-  assert layers.bucket_sizes(7) == [0, 7] and layers.bucket_sizes(48) == [0, 12, 48]
+  assert layers.bucket_sizes(7) == [0, 7] and layers.bucket_sizes(48) == [0, 48]
+  assert layers.bucket_sizes(512) == [0, 32, 128, 512]
   x = _inputs(jnp.float64)
   apply = jax.jit(GrowableDense(D_OUT).apply)
   loss = lambda params, v: jnp.sum(jnp.sin(apply({**v, "params": params}, x)))
   np.testing.assert_allclose(apply(held, x), apply(exact, x), rtol=0, atol=1e-12)
   g_exact, g_held = jax.grad(loss)(exact["params"], exact), jax.grad(loss)(held["params"], held)
   for name, value in g_exact.items():
-    np.testing.assert_allclose(g_held[name], value, rtol=0, atol=1e-12, err_msg=name)
+    slots = len(value)  # the pack with room holds more slots, whose gradients are zero
+    np.testing.assert_allclose(g_held[name][:slots], value, rtol=0, atol=1e-12, err_msg=name)
+    assert not np.any(g_held[name][slots:]), name
+
+
+def test_exact_lists_of_a_pack_with_room_are_the_units_lists(x64):
+  """exact_lists cuts a pack with room to the lists that sizing slots at events gives, drops its
+  held counts, and leaves the function as it was; a pack with no unit keeps no depth."""
+  exact, held = _three_depths(jnp.float64)
+  cut = layers.exact_lists(held)
+  assert sorted(cut["growth"]) == sorted(exact["growth"])
+  for name, value in exact["growth"].items():
+    np.testing.assert_array_equal(cut["growth"][name], value, err_msg=name)
+  x = _inputs(jnp.float64)
+  apply = jax.jit(GrowableDense(D_OUT).apply)
+  np.testing.assert_allclose(apply(cut, x), apply(held, x), rtol=0, atol=1e-12)
+  empty = layers.set_packs({"params": {"dense": _base_params(jnp.float64)}}, {"dense": {
+      "gated": layers.empty_pack("gated", 8, D_IN, np.float64, room=(8, 4))}})
+  assert sorted(layers.exact_lists(empty)["growth"]["dense"]) == ["gated_index"]
 
 
 def test_the_two_dispatches_compute_the_same(x64, monkeypatch):
