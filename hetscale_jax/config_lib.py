@@ -36,6 +36,8 @@ def base_config(dataset: str = "digits") -> ml_collections.ConfigDict:
 
   c.batch_size = 512                          # global, over all devices and hosts
   c.num_epochs = 300
+  c.train_steps = 0                           # 0: num_epochs of steps; else this many, the lr
+                                              #   schedule compressed to them (compute matching)
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 5e-4                      # at batch 512; scaled linearly with batch_size
   c.optim.warmup_epochs = 5.0
@@ -167,6 +169,11 @@ def validate(config) -> None:
   _require(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
   _require(config.batch_size > 0, "batch_size", config.batch_size, "must be > 0")
   _require(config.num_epochs > 0, "num_epochs", config.num_epochs, "must be > 0")
+  _require(config.train_steps >= 0, "train_steps", config.train_steps,
+           "must be >= 0 (0: num_epochs of steps)")
+  # Growth events are placed in epochs, which train_steps does not compress.
+  _require(config.train_steps == 0 or not g.enabled, "train_steps", config.train_steps,
+           "is for static runs (compute matching): set it to 0 or growth.enabled to False")
   _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "must be > 0")
   _require(0 <= o.warmup_epochs < config.num_epochs, "optim.warmup_epochs", o.warmup_epochs,
            f"must be in [0, num_epochs={config.num_epochs})")
@@ -314,7 +321,10 @@ def scaled(variant: str, unit_scale: float) -> str:
 
 def parse_variant(name: str) -> tuple[str, float | None]:
   """"splitting@0.3" -> ("splitting", 0.3); "splitting" -> ("splitting", None), the config's
-  unit scale. ValueError for an unknown variant or one that takes no unit scale."""
+  unit scale; a compute-matched static (flops_matched) -> (its static variant, None).
+  ValueError for an unknown variant or one that takes no unit scale."""
+  if (matched := flops_matched_parts(name)) is not None:
+    return matched[0], None
   variant, mark, scale = name.partition(SCALE_MARK)
   if variant not in VARIANTS:
     raise ValueError(f"variant {name!r}: choose one of {VARIANTS}, optionally {SCALE_MARK}<unit "
@@ -359,6 +369,42 @@ def random_counterpart(name: str) -> str | None:
     if other_settings["rule"] == "random" and how(other_settings) == how(settings):
       return at_scale_of(name, other)
   return None
+
+
+# "static_uniform@flops:splitting": static_uniform trained for the training FLOPs of the
+# splitting run of the same seed (compute_matched_steps), its schedule compressed to them.
+FLOPS_MARK = "@flops:"
+COMPUTE_MATCHED_STATICS = ("static_full", "static_uniform")
+
+
+def flops_matched(static: str, grown: str) -> str:
+  """The name of `static` trained on the training FLOPs of `grown`: "static_uniform@flops:
+  splitting"."""
+  return f"{static}{FLOPS_MARK}{grown}"
+
+
+def flops_matched_parts(name: str) -> tuple[str, str] | None:
+  """"static_uniform@flops:splitting@0.3" -> ("static_uniform", "splitting@0.3"); None for a
+  name without FLOPS_MARK. ValueError if either part is not what compute matching takes."""
+  static, mark, grown = name.partition(FLOPS_MARK)
+  if not mark:
+    return None
+  try:
+    grown_ok = is_grown(grown)
+  except ValueError:  # not a variant at all
+    grown_ok = False
+  if static not in COMPUTE_MATCHED_STATICS or not grown_ok:
+    raise ValueError(f"variant {name!r}: compute matching trains one of "
+                     f"{COMPUTE_MATCHED_STATICS} on a grown variant's FLOPs, e.g. "
+                     f"{flops_matched('static_uniform', 'splitting')}")
+  return static, grown
+
+
+def compute_matched_steps(grown_train_flops: float, static_step_flops: float) -> int:
+  """The steps a static model whose train step costs `static_step_flops` trains on a grown
+  run's training FLOPs (its summary's compute["train_flops"]): the most whose FLOPs do not
+  exceed them, at least one."""
+  return max(int(grown_train_flops // static_step_flops), 1)
 
 
 def grown_params(config, sizes: dict) -> int:

@@ -13,6 +13,11 @@ Measures of one run:
   top1, top5, test_loss    final test top-1, top-5 (%) and test loss
   params, mflops           final parameters and forward MFLOPs per image
   wall_seconds             the run's wall time, compilation and growth events included
+  steps                    training steps (fewer or more for a compute-matched static)
+  train_tflops             training TFLOPs measured by XLA (summary["compute"], compute.py):
+                           each architecture's train step times the steps it trained
+  event_tflops             the growth events' own work (spectrum, split check, unit-only
+                           training), counted apart from training
   post_event_loss/<i>      mean training loss of the K steps after growth event i, leaving out
                            the first: its loss is the grown model's before any update (for exact
                            growth the ungrown model's, for split mode the step itself)
@@ -26,6 +31,10 @@ Measures of one run:
 Across variants, paired by seed:
   selection                a rule against its random counterpart (config_lib.random_counterpart:
                            the same unit, random neurons) in unit-only training and at the end
+  compute-matched          a grown variant against static_full and static_uniform trained
+                           on its training FLOPs ("static_uniform@flops:splitting",
+                           config_lib.compute_matched_steps), next to static_uniform at its
+                           parameters
   units' share             of a grown variant's gain over static_reduced, the part its units
                            carry: mean(intact - units off) / mean(intact - static_reduced)
   advantage halving        a rule's advantage over its random counterpart (config_lib.
@@ -74,7 +83,10 @@ def run_measures(summary: dict, losses: dict[int, float], event_steps: list[int]
   out = {"top1": 100 * summary["eval"]["top1"], "top5": 100 * summary["eval"]["top5"],
          "test_loss": summary["eval"]["loss"], "params": float(summary["params"]),
          "mflops": float("nan") if flops is None else flops / 1e6,
-         "wall_seconds": summary["wall_seconds"]}
+         "wall_seconds": summary["wall_seconds"], "steps": float(summary["steps"])}
+  compute = summary.get("compute")  # absent from the runs of earlier versions
+  out["train_tflops"] = compute["train_flops"] / 1e12 if compute else float("nan")
+  out["event_tflops"] = compute["event_flops"] / 1e12 if compute else float("nan")
   if summary.get("unit_ablation"):  # None for a static run
     intact, off = summary["unit_ablation"]["intact"], summary["unit_ablation"]["units_off"]
     out["units_off_top1"] = 100 * (off["top1"] - intact["top1"])
@@ -206,7 +218,8 @@ def _runs_of(measures: dict, variant: str) -> list[dict]:
 
 def final_table(measures: dict, variants, seeds: int) -> list[str]:
   """Per variant: finished runs of `seeds`, final test metrics (mean ± sample std), final
-  parameters (their range), MFLOPs per image and wall time per run (means)."""
+  parameters (their range), MFLOPs per image, and per run (means) training steps, training
+  and growth events' TFLOPs and wall time."""
   rows = []
   for variant in variants:
     runs = _runs_of(measures, variant)
@@ -216,9 +229,12 @@ def final_table(measures: dict, variants, seeds: int) -> list[str]:
                  mean_spread(column("top5"), "std"), mean_spread(column("test_loss"), "std"),
                  "n/a" if not params else f"{params[0]:,}" if len(params) == 1
                  else f"{params[0]:,}–{params[-1]:,}",
-                 _mean(column("mflops"), "{:.2f}"), _mean(column("wall_seconds"), "{:.0f}")])
+                 _mean(column("mflops"), "{:.2f}"), _mean(column("steps"), "{:.0f}"),
+                 _mean(column("train_tflops"), "{:.4g}"), _mean(column("event_tflops"), "{:.4g}"),
+                 _mean(column("wall_seconds"), "{:.0f}")])
   return report.markdown_table(["variant", "runs", "top-1 %", "top-5 %", "test loss",
-                                "params (final)", "MFLOPs/image", "wall s/run"], rows)
+                                "params (final)", "MFLOPs/image", "steps", "train TFLOPs/run",
+                                "event TFLOPs/run", "wall s/run"], rows)
 
 
 def summary_table(measures: dict, variants, names) -> list[str]:
@@ -270,6 +286,12 @@ def halving_table(losses: dict, pairs, event_steps: list[int], k: int, window: i
 
 # ---------------------------------------------------------------------------- the report
 
+def compute_matched_pairs(grown, variants) -> list[tuple[str, str]]:
+  """(grown variant, a static trained on its FLOPs) for every such static among `variants`."""
+  return [(v, config_lib.flops_matched(s, v)) for v in grown
+          for s in config_lib.COMPUTE_MATCHED_STATICS if config_lib.flops_matched(s, v) in variants]
+
+
 def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps: list[int],
                  k: int, workdir: str) -> list[str]:
   """The study's sections (markdown lines) from every finished run's measures and training
@@ -279,6 +301,10 @@ def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps
   grown = [v for v in variants if config_lib.is_grown(v)]
   lines = ["## Final results (mean ± sample std over seeds)", ""]
   lines += final_table(measures, variants, seeds)
+  lines += ["", "Train TFLOPs: XLA's count of each architecture's compiled train step times "
+            "the steps it trained; event TFLOPs: the growth events' own work, of which XLA "
+            "counts each loop's body once (the Lanczos solve: one iteration; compute.py). Wall: "
+            "the training loop, growth events and their recompiles included."]
   lines += ["", "## Training loss after each growth event (mean ± 95% half-width over seeds)",
             "", f"post_event_loss/i: the mean training loss of the {k} steps after event i, "
             "leaving out the first (taken before the grown model's first update).", ""]
@@ -324,11 +350,17 @@ def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps
   if {"static_full", "static_reduced"} <= set(variants):
     conventional.append(("static_full", "static_reduced"))
   rows += comparisons(measures, conventional, ["top1", "test_loss"])
+  rows += comparisons(measures, compute_matched_pairs(grown, variants),
+                      ["top1", "test_loss", "train_tflops"])
   lines += ["", "## Paired differences (variant - reference, same seed; 95% t-interval)", "",
             "Each grown variant against the paper's text at its unit scale, then each rule "
             "against random neurons with the same unit (selection). noise_floor - "
             "splitting is the same run perturbed by growth.perturbation right after the first "
-            "event: a difference within its interval is below what the study resolves.", ""]
+            "event: a difference within its interval is below what the study resolves. "
+            "Then each grown variant against static_uniform at its parameters, and against "
+            "static_full and static_uniform trained on its training FLOPs, seed by seed "
+            "(\"static_uniform@flops:splitting\": fewer or more steps, the learning-rate "
+            "schedule compressed to them; train_tflops shows how closely they match).", ""]
   lines += comparison_table(rows)
   window = max(k // 5, 1)
   if counterparts and event_steps:

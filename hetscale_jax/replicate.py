@@ -6,12 +6,22 @@ r"""Replication: growth rules and static models, paired over seeds, with the stu
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py:late \
         --workdir workdirs/study_late --static_workdir workdirs/study --jobs 2   # events later
     python -m hetscale_jax.replicate ... --unit_scales 0.1,0.3,1                    # the sweep
+    python -m hetscale_jax.replicate ... --compute_matched splitting,authors   # equal FLOPs
     python -m hetscale_jax.replicate ... --quick                                    # smoke run
 
 Variants of the config (default: configs/default.py; any --config.field=value applies to all):
 config_lib.VARIANTS, defined there. --unit_scales runs every variant that takes a unit scale
 (config_lib.takes_unit_scale: the gated ones but split) once at each scale, as "splitting@0.3"
 (the config's own scale keeps the plain name); the others run once.
+
+Compute-matched statics: --compute_matched names grown runs (e.g. splitting,splitting@0.3);
+static_full and static_uniform, where the study runs them, are then also trained on each one's
+training FLOPs, seed by seed, as "static_uniform@flops:splitting": once a seed's grown run and
+static run have finished, the static's train step FLOPs and the grown run's training FLOPs
+(both from their summaries, compute.py) give its steps (config_lib.compute_matched_steps),
+its learning-rate schedule compressed to them, warm-up and decay alike (config.train_steps).
+These runs live in --workdir, also with --static_workdir: their steps follow this study's
+growth.
 
 Pairing: for each seed every variant starts from the same initial parameters where shapes
 allow (the grown variants and static_reduced), sees the same batches, and the grown variants
@@ -78,6 +88,9 @@ _STATIC_WORKDIR = flags.DEFINE_string(
     "study's workdir, of the same config but for when it grows, shares its static runs.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Train nothing: the report of the runs finished so far.")
+_COMPUTE_MATCHED = flags.DEFINE_list(
+    "compute_matched", [], "Grown runs (e.g. splitting,splitting@0.3) on whose training FLOPs "
+    "static_full and static_uniform are also trained, seed by seed.")
 _POST_EVENT_STEPS = flags.DEFINE_integer(
     "post_event_steps", 50, "K: the training steps after each growth event whose mean loss "
     "the rules are compared on.")
@@ -116,6 +129,45 @@ def sweep_unit_scales(variants, unit_scales: list[float], config_scale: float) -
     scales = (unit_scales or [config_scale]) if config_lib.takes_unit_scale(v) else [config_scale]
     names += [v if s == config_scale else config_lib.scaled(v, s) for s in scales]
   return names
+
+
+def compute_matched_names(variants, matched_to) -> list[str]:
+  """The compute-matched runs: every static of config_lib.COMPUTE_MATCHED_STATICS among
+  `variants` trained on the FLOPs of each of `matched_to` (grown run names among them).
+  ValueError naming the flag if one is not a grown run of the study or no static is in it."""
+  not_grown = [g for g in matched_to if g not in variants or not config_lib.is_grown(g)]
+  statics = [s for s in config_lib.COMPUTE_MATCHED_STATICS if s in variants]
+  if not_grown or (matched_to and not statics):
+    raise ValueError(
+        f"--compute_matched {','.join(matched_to)}: {not_grown or matched_to} cannot be matched; "
+        f"name grown runs of the study, and run {' or '.join(config_lib.COMPUTE_MATCHED_STATICS)}"
+        " (their own runs give their train step's FLOPs)")
+  return [config_lib.flops_matched(s, g) for g in matched_to for s in statics]
+
+
+def compute_matched_config(static_config, static_summary: dict, grown_summary: dict):
+  """`static_config` trained on the grown run's training FLOPs: the steps
+  config_lib.compute_matched_steps gives for them and the static's train step FLOPs, both
+  as the two runs' summaries recorded them."""
+  c = static_config.copy_and_resolve_references()
+  (static_step,) = static_summary["compute"]["train"]  # a static run: one architecture
+  c.train_steps = config_lib.compute_matched_steps(grown_summary["compute"]["train_flops"],
+                                                   static_step["step_flops"])
+  return c
+
+
+def compute_matched_configs(configs: dict, summaries: dict, names, seeds: int,
+                            workdir: str) -> dict:
+  """(name, seed) -> (config, run directory) of the compute-matched runs `names` whose seed's
+  static and grown runs have finished (`configs` and `summaries` of those, by (variant, seed))."""
+  out = {}
+  for s in range(seeds):
+    for name in names:
+      static, grown = config_lib.flops_matched_parts(name)
+      if summaries.get((static, s)) is not None and summaries.get((grown, s)) is not None:
+        out[name, s] = (compute_matched_config(configs[static, s][0], summaries[static, s],
+                                               summaries[grown, s]), run_dir(workdir, name, s))
+  return out
 
 
 # ---------------------------------------------------------------------------- running
@@ -262,10 +314,14 @@ def study_measures(configs: dict, summaries: dict, event_steps: list[int],
 
 
 def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event_steps: int,
-              report_only: bool = False, static_workdir: str | None = None) -> tuple[str, int]:
-  """Trains what is missing of every (variant, seed) (report_only: nothing) and writes the
-  report of the runs that finished; returns its text and the number of failed runs (none when
-  report_only). The static variants' runs are in `static_workdir` (default: `workdir`)."""
+              report_only: bool = False, static_workdir: str | None = None,
+              compute_matched=()) -> tuple[str, int]:
+  """Trains what is missing of every (variant, seed) (report_only: nothing), then of the
+  statics trained on the FLOPs of the grown runs `compute_matched` names (module docstring),
+  and writes the report of the runs that finished; returns its text and the number of failed
+  runs (none when report_only). The static variants' runs are in `static_workdir` (default:
+  `workdir`)."""
+  matched_names = compute_matched_names(variants, list(compute_matched))
   if base.growth.slots != "events":
     # Slots held from the start differ in shape between unit kinds and are absent from static
     # variants: the programs would differ, and rounding would part the runs before any event.
@@ -282,8 +338,15 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   check_run_dirs(configs)
   os.makedirs(workdir, exist_ok=True)  # the report's, even where every run is elsewhere
   start = time.perf_counter()
-  summaries = ({key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
-               if report_only else run_all(configs, jobs))
+  train_all = lambda configs: ({key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
+                                if report_only else run_all(configs, jobs))
+  summaries = train_all(configs)
+  # Their steps follow from finished runs: trained once those are.
+  matched = compute_matched_configs(configs, summaries, matched_names, seeds, workdir)
+  check_run_dirs(matched)
+  summaries |= train_all(matched)
+  expected = len(configs) + len(matched_names) * seeds
+  configs |= matched
   growth_config = base.copy_and_resolve_references()
   growth_config.growth.enabled = True
   event_steps = growth_event.event_steps(
@@ -291,12 +354,12 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   measures, losses = study_measures(configs, summaries, event_steps, post_event_steps)
   finished = sum(s is not None for s in summaries.values())
   lines = ["# Replication", ""]
-  if finished < len(configs):
-    lines += [f"**{finished} of {len(configs)} runs finished: a report of a study in progress.**", ""]
+  if finished < expected:
+    lines += [f"**{finished} of {expected} runs finished: a report of a study in progress.**", ""]
   lines += settings(base, seeds, jobs, None if report_only else time.perf_counter() - start)
   lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).", ""]
-  lines += evidence.study_report(measures, losses, variants, seeds, event_steps, post_event_steps,
-                                 workdir)
+  lines += evidence.study_report(measures, losses, list(variants) + matched_names, seeds,
+                                 event_steps, post_event_steps, workdir)
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "replication.md"), "w") as f:
     f.write(text)
@@ -314,9 +377,14 @@ def main(argv):
     base = quick(base)
   variants = sweep_unit_scales([v for v in VARIANTS if v in _VARIANTS.value],
                                [float(s) for s in _UNIT_SCALES.value], base.growth.unit_scale)
+  try:
+    compute_matched_names(variants, _COMPUTE_MATCHED.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   text, failed = run_study(base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value,
                            variants=variants, post_event_steps=_POST_EVENT_STEPS.value,
-                           report_only=_REPORT_ONLY.value, static_workdir=_STATIC_WORKDIR.value)
+                           report_only=_REPORT_ONLY.value, static_workdir=_STATIC_WORKDIR.value,
+                           compute_matched=_COMPUTE_MATCHED.value)
   print("\n" + text)
   if failed:
     sys.exit(f"{failed} run(s) failed or were stopped: the lines above say which, a failed "

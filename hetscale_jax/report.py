@@ -98,13 +98,21 @@ def format_flops(flops: int | None) -> str:
   return "n/a" if flops is None else f"{flops / 1e6:,.2f}"
 
 
+def format_tflops(compute: dict | None) -> str:
+  """A run's training TFLOPs, + its growth events' (summary["compute"]); n/a without it."""
+  if compute is None:
+    return "n/a"
+  return f"{compute['train_flops'] / 1e12:.4g} + {compute['event_flops'] / 1e12:.4g}"
+
+
 def comparison_rows(runs: list[dict], names: list[str]) -> list[list[str]]:
   rows = []
   for name, run in zip(names, runs):
     s = run["summary"]
     rows.append([name, s["dataset"], f"{s['eval']['top1']:.2%}", f"{s['eval']['top5']:.2%}",
                  f"{s['base_params']:,}", f"{s['params']:,}", format_flops(run["flops"]),
-                 str(len(s["growth_events"])), format_minutes(s["wall_seconds"])])
+                 str(len(s["growth_events"])), format_minutes(s["wall_seconds"]),
+                 format_tflops(s.get("compute"))])  # absent from runs of earlier versions
   return rows
 
 
@@ -126,12 +134,15 @@ def render(runs: list[dict], out_dir: str) -> str:
            f"Generated {datetime.datetime.now().isoformat(timespec='seconds')}.", "",
            "## Comparison", ""]
   lines += markdown_table(["run", "dataset", "top-1", "top-5", "params at start", "params at end",
-                   "MFLOPs/image", "growth events", "wall time"], comparison_rows(runs, names))
+                   "MFLOPs/image", "growth events", "wall time", "TFLOPs: train + events"],
+                          comparison_rows(runs, names))
   lines += ["", "Top-1/top-5: the final evaluation on the test split. MFLOPs: forward pass of "
             "one image, 2 x multiply-adds of the patch embedding, dense layers, attention "
             "products and units, counted from the final architecture (elementwise work not "
-            "counted; n/a: no config.json in the workdir). Wall time: the whole run, "
-            "compilation and growth events included.", ""]
+            "counted; n/a: no config.json in the workdir). Wall time: the training loop, "
+            "growth events and their recompiles included. TFLOPs: XLA's count of each "
+            "architecture's compiled train step times its steps, plus the growth events' own "
+            "work (hetscale_jax/compute.py says what it leaves out).", ""]
   for name, run in zip(names, runs):
     s = run["summary"]
     lines += [f"## {name}", "", f"Workdir `{run['workdir']}`: {s['steps']} steps on "

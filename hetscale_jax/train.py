@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hetscale_jax import (ablation, checkpoint, compile_log, config_lib, datasets, growth_event,
+from hetscale_jax import (ablation, checkpoint, compile_log, compute, config_lib, datasets, growth_event,
                           input_pipeline, layers, losses, optim, plots, sharding, spec, writers)
 from hetscale_jax import workdir as workdir_lib
 from hetscale_jax.models import deit
@@ -82,13 +82,21 @@ def event_weights(config, lr_schedule: optax.Schedule, event_steps: list[int]) -
       config.growth, [float(lr_schedule(s)) / peak_learning_rate(config) for s in event_steps])
 
 
+def num_train_steps(config, steps_per_epoch: int) -> int:
+  """The steps the run trains: config.train_steps, or num_epochs of steps (train_steps 0)."""
+  return config.train_steps or config.num_epochs * steps_per_epoch
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up from warmup_lr, cosine to min_lr."""
+  """Linear warm-up from warmup_lr, cosine to min_lr; with config.train_steps, warm-up and
+  decay alike compressed (or stretched) from num_epochs of steps to train_steps."""
   o = config.optim
+  steps = num_train_steps(config, steps_per_epoch)
+  compression = steps / (config.num_epochs * steps_per_epoch)
   return optax.warmup_cosine_decay_schedule(
       init_value=o.warmup_lr, peak_value=peak_learning_rate(config),
-      warmup_steps=int(o.warmup_epochs * steps_per_epoch),
-      decay_steps=config.num_epochs * steps_per_epoch, end_value=o.min_lr)
+      warmup_steps=int(o.warmup_epochs * steps_per_epoch * compression),
+      decay_steps=steps, end_value=o.min_lr)
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -186,6 +194,7 @@ class CompiledStep:
   fn: Any
   shardings: Any
   seconds: float
+  flops: float  # of one step on all devices (compute.py)
 
 
 def compile_train_step(train_step, mesh, state, batch) -> CompiledStep:
@@ -202,7 +211,8 @@ def compile_train_step(train_step, mesh, state, batch) -> CompiledStep:
                                    (state, batch)))
   with compile_log.program("train_step"):
     compiled = lowered.compile()
-  return CompiledStep(compiled, shardings, time.perf_counter() - start)
+  return CompiledStep(compiled, shardings, time.perf_counter() - start,
+                      compute.program_flops(compiled) * jax.device_count())
 
 
 def evaluate(eval_step, variables, config, mesh) -> dict:
@@ -264,11 +274,16 @@ def wait_for_warm_up(warm_up) -> float:
 def grow_and_recompile(config, model, tx, train_step, mesh, state, next_batches,
                        weights_left: list[float], num_classes: int, held_aside=None):
   """A growth event (growth_event.grow_state: `next_batches`, `held_aside` as it takes them) and
-  the train step compiled for its result."""
+  the train step compiled for its result; the event's record gets its own work's FLOPs."""
+  before = state.variables
   state, event = growth_event.grow_state(config, model, tx, state, next_batches,
                                          weights_left=weights_left, num_classes=num_classes,
                                          model_input=model_input(config),
                                          peak_lr=peak_learning_rate(config), held_aside=held_aside)
+  event.record["work_flops"] = compute.event_work(
+      config, growth_event.probe_loss(model, num_classes, config.label_smoothing, model_input(config)),
+      before, state.variables, next_batches, held_aside, peak_learning_rate(config),
+      event.record["step"])
   compiled = compile_train_step(train_step, mesh, state, next_batches[0])
   event.record["seconds_compile"] = compiled.seconds
   return sharding.put(state, compiled.shardings), compiled, event
@@ -317,7 +332,7 @@ def train_and_evaluate(config, workdir: str, *, fresh: bool = False,
 def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointer,
                         stop_after_steps: int | None) -> dict | None:
   steps_per_epoch = datasets.steps_per_epoch(info, config.batch_size)
-  total_steps = config.num_epochs * steps_per_epoch
+  total_steps = num_train_steps(config, steps_per_epoch)
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
   events = growth_event.event_steps(config, steps_per_epoch)
   if (finished := finished_summary(workdir, ckpt, total_steps)) is not None:
@@ -330,6 +345,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   restored = ckpt.restore(functools.partial(abstract_state, config, model, tx, info, mesh))
   state, growth_log = ((restored.state, restored.growth_events) if restored
                        else (init_state(config, model, tx, info), []))
+  compute.check_records(growth_log)
   state = sharding.put(state, state_shardings(mesh, state))
   start_step = int(state.step)  # the host counts from here on: no per-step wait for the devices
   batches = sharding.prefetch_to_mesh(input_pipeline.train_batches(
@@ -359,10 +375,12 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
       with progress.timed("growth", wait_jax_async_dispatch=False):
         waited = wait_for_warm_up(warm_up)  # the spectrum's compile: part of the event's wait
         ahead, batches = peek(batches, batches_ahead(config))
+        trained_flops = compiled.flops  # of the architecture trained up to this event
         state, compiled, event = grow_and_recompile(config, model, tx, train_step, mesh, state, ahead,
                                                     weights[events.index(step):], info.num_classes,
                                                     held_aside)
         event.record["seconds_spectrum"] += waited
+        event.record["step_flops_before"] = trained_flops
         num_params = event.record["params_after"]
         growth_log.append(event.record)
         report_growth(workdir, writer, event, state)
@@ -401,6 +419,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   finish_writing(ckpt, writer)  # complete before summary.json marks the run finished
   return write_summary(workdir, info, state, last_eval, total_steps, base_params, growth_log,
                        unit_ablation=units, compiles=compile_log.since(compiled_before, PROGRAMS),
+                       compute=compute.run_compute(growth_log, total_steps, compiled.flops),
                        resumed_from_step=start_step if restored else None,
                        wall_seconds=time.perf_counter() - run_start)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hetscale_jax import config_lib, datasets, growth_event, train
+from hetscale_jax import config_lib, datasets, growth_event, replicate, train
 from hetscale_jax.models import deit
 
 from conftest import CONFIG_DIR, load_config
@@ -61,6 +61,24 @@ def test_variant_names_carry_a_unit_scale_where_the_unit_has_one():
       config_lib.parse_variant(bad)
   with pytest.raises(ValueError, match="variant 'best': choose one of"):
     config_lib.parse_variant("best")
+
+
+def test_a_compute_matched_static_is_named_by_the_grown_run_it_matches():
+  name = config_lib.flops_matched("static_uniform", "splitting@0.3")
+  assert name == "static_uniform@flops:splitting@0.3"
+  assert config_lib.flops_matched_parts(name) == ("static_uniform", "splitting@0.3")
+  assert config_lib.parse_variant(name) == ("static_uniform", None)
+  assert not config_lib.is_grown(name) and config_lib.random_counterpart(name) is None
+  for bad in ("static_reduced@flops:splitting", "static_full@flops:static_uniform",
+              "static_full@flops:best"):
+    with pytest.raises(ValueError, match=re.escape(f"variant {bad!r}: compute matching trains")):
+      config_lib.parse_variant(bad)
+  variants = ["splitting", "authors", "static_uniform"]
+  assert replicate.compute_matched_names(variants, ["authors"]) == ["static_uniform@flops:authors"]
+  for matched_to, variants in ((["random"], variants), (["static_uniform"], variants),
+                               (["splitting"], ["splitting", "static_reduced"])):
+    with pytest.raises(ValueError, match="--compute_matched .* cannot be matched"):
+      replicate.compute_matched_names(variants, matched_to)
 
 
 @pytest.mark.parametrize("name, counterpart", [
@@ -135,6 +153,8 @@ def test_closed_form_param_count_matches_the_model(overrides):
     ("model.dtype", "float16", "config.model.dtype"),
     ("model.mlp_dim", (64, 64), "config.model.mlp_dim"),
     ("batch_size", 0, "config.batch_size=0"),
+    ("train_steps", -1, "config.train_steps=-1"),
+    ("train_steps", 100, "config.train_steps=100 is invalid: is for static runs"),
     ("optim.warmup_epochs", 50.0, "config.optim.warmup_epochs"),
     ("mixup.prob", 1.5, "config.mixup.prob"),
     ("growth.budget_per_event", -5, "config.growth.budget_per_event=-5"),

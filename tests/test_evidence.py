@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from hetscale_jax import evidence, plots
+from hetscale_jax import config_lib, evidence, plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T_975_DF4 = 2.7764451051977987  # Student t quantile 0.975 with 4 degrees of freedom (tables)
@@ -88,13 +88,17 @@ def test_comparisons_resolve_only_intervals_that_exclude_zero():
 
 def test_run_measures_reads_a_summary():
   summary = {"eval": {"top1": 0.875, "top5": 1.0, "loss": 0.4}, "params": 1234,
-             "wall_seconds": 12.5,
+             "wall_seconds": 12.5, "steps": 40,
+             "compute": {"train_flops": 2.5e12, "event_flops": 1e11},
              "growth_events": [{"split_check": {"predicted": -2e-6, "probe": -1e-6,
                                                 "check": 5e-7}}, {}]}
   losses = {s: 1.0 for s in range(1, 40)}
   out = evidence.run_measures(summary, losses, event_steps=[10, 30], k=5, flops=3_000_000)
   assert out["top1"] == 87.5 and out["test_loss"] == 0.4 and out["params"] == 1234
   assert out["mflops"] == 3.0 and out["top5"] == 100.0 and out["wall_seconds"] == 12.5
+  assert out["steps"] == 40 and out["train_tflops"] == 2.5 and out["event_tflops"] == 0.1
+  del summary["compute"]  # a run of an earlier version: its compute is not known
+  assert math.isnan(evidence.run_measures(summary, losses, [10, 30], 5, None)["train_tflops"])
   assert out["post_event_loss/1"] == 1.0 and out["post_event_loss/2"] == 1.0
   np.testing.assert_allclose([out["split_predicted/1"], out["split_probe/1"],
                               out["split_check/1"]], [-2.0, -1.0, 0.5])
@@ -133,7 +137,7 @@ def test_study_report_pairs_each_variant_with_its_references(tmp_path):
                                * (s > 25) for s in range(1, 70)}
       measures[variant, seed] = evidence.run_measures(
           {"eval": {"top1": 0.9, "top5": 1.0, "loss": 0.3}, "params": 100,
-           "wall_seconds": 1.0, "growth_events": [],
+           "wall_seconds": 1.0, "steps": 88, "growth_events": [],
            "unit_ablation": None if variant == "static_reduced" else
            {"intact": {"top1": 0.9, "loss": 0.3}, "units_off": {"top1": 0.89, "loss": 0.31}}},
           losses[variant, seed], event_steps, k, flops=None)
@@ -152,3 +156,31 @@ def test_study_report_pairs_each_variant_with_its_references(tmp_path):
   assert "| noise_floor - random |" not in text  # no random variant is perturbed
   assert "| top1 | splitting (reference static_reduced) | 3 |" in text
   assert (tmp_path / "forest.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_report_pairs_grown_variants_with_the_statics_trained_on_their_flops(tmp_path):
+  """Every grown variant against static_uniform at its parameters and against both statics
+  trained on its FLOPs, paired by seed; the final table shows each run's steps and TFLOPs."""
+  matched = {s: config_lib.flops_matched(s, "splitting") for s in ("static_full", "static_uniform")}
+  measures = {}
+  for seed in range(3):
+    common = {"params": 100.0, "mflops": 1.0, "wall_seconds": 10.0, "event_tflops": 0.0,
+              "test_loss": 0.5, "top5": 100.0}
+    measures["splitting", seed] = {**common, "top1": 90.0 + seed, "steps": 88.0,
+                                   "train_tflops": 2.0, "event_tflops": 0.1}
+    measures["static_uniform", seed] = {**common, "top1": 89.0 + seed, "steps": 88.0,
+                                        "train_tflops": 2.2}
+    measures["static_full", seed] = {**common, "top1": 91.0 + seed, "steps": 88.0,
+                                     "train_tflops": 4.4}
+    measures[matched["static_uniform"], seed] = {**common, "top1": 88.0 + seed, "steps": 80.0,
+                                                 "train_tflops": 2.0 - 0.01 * seed}
+    measures[matched["static_full"], seed] = {**common, "top1": 87.0 + seed, "steps": 40.0,
+                                              "train_tflops": 2.0 - 0.02 * seed}
+  variants = ["splitting", "static_full", "static_uniform", *matched.values()]
+  text = "\n".join(evidence.study_report(measures, {}, variants, 3, [], 5, str(tmp_path)))
+  for static, top1 in (("static_uniform", 2.0), ("static_full", 3.0)):
+    assert f"| top1 | splitting - {matched[static]} | 3 | {top1:+.4g} |" in text
+  assert "| top1 | splitting - static_uniform | 3 | +1 |" in text
+  assert f"| train_tflops | splitting - {matched['static_full']} | 3 | +0.02 |" in text
+  assert (f"| {matched['static_full']} | 3/3 | 88 ± 1 | 100 ± 0 | 0.5 ± 0 | 100 | 1.00 | 40 | 1.98 "
+          "| 0 | 10 |") in text

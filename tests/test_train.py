@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from hetscale_jax import growth_event, input_pipeline, sharding, spec, splitting, train, writers
+from hetscale_jax import (compute, config_lib, growth_event, input_pipeline, replicate, sharding,
+                          spec, splitting, train, writers)
 from hetscale_jax import workdir as workdir_lib
 
 from conftest import POISON_PIXEL, TINY_RUN_GROUP, poison_saturated_images, tiny_config
@@ -21,9 +22,10 @@ def test_learning_rate_schedule_follows_the_deit_recipe():
   np.testing.assert_allclose(float(schedule(1000)), config.optim.min_lr, rtol=1e-6)
 
 
-def compiled_tiny_step():
-  """(compiled train step, initial state, one training batch) of the tiny config."""
-  config = tiny_config()
+def compiled_tiny_step(config=None):
+  """(compiled train step, initial state, one training batch) of the tiny config (or
+  `config`)."""
+  config = config or tiny_config()
   info = input_pipeline.dataset_info(config.data)
   model = train.create_model(config, info)
   tx = train.create_optimizer(config, steps_per_epoch=10)
@@ -118,3 +120,65 @@ def test_training_run_grows_by_the_plan_and_keeps_learning(tiny_run):
   assert set(units["contribution"]) == {p for p, layer in summary["architecture"]["layers"].items()
                                         if spec.layer_units(layer)}
   assert all(v > 0 for v in units["contribution"].values())
+
+
+def test_a_compressed_schedule_warms_up_and_decays_within_train_steps():
+  """train_steps 81 of num_epochs' 88 steps: warm-up int(0.5 x 44 x 81 / 88) = 20 steps, then
+  cosine decay to min_lr at step 81."""
+  config = tiny_config()
+  config.growth.enabled, config.train_steps = False, 81
+  assert train.num_train_steps(config, steps_per_epoch=44) == 81
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=44)
+  np.testing.assert_allclose(float(schedule(20)), train.peak_learning_rate(config), rtol=1e-6)
+  assert float(schedule(19)) < float(schedule(20)) > float(schedule(21))
+  np.testing.assert_allclose(float(schedule(81)), config.optim.min_lr, rtol=1e-6)
+
+
+def _grown_summary(step_flops: list[float]) -> dict:
+  """A summary of a run of 88 steps grown at steps 22 and 44, trained at these step FLOPs."""
+  events = [{"step": s, "step_flops_before": f,
+             "work_flops": {"step": s, "spectrum": 1.0, "split_check": 0.0, "unit_only": 0.0}}
+            for s, f in zip((22, 44), step_flops)]
+  return {"compute": compute.run_compute(events, 88, step_flops[-1])}
+
+
+def test_the_compute_matched_step_budget_by_hand():
+  """A grown run: 22 steps at 3.0 MFLOPs, 22 at 3.2 and 44 at 3.4, i.e. 66 + 70.4 + 149.6 =
+  286 MFLOPs of training. A static whose step costs 3.5 MFLOPs trains floor(286 / 3.5) = 81
+  steps on them; one of 2.6 MFLOPs, floor(110) = 110, more than its 88."""
+  grown = _grown_summary([3.0e6, 3.2e6, 3.4e6])
+  assert grown["compute"]["train_flops"] == 286e6 and grown["compute"]["event_flops"] == 2.0
+  assert [(t["from_step"], t["to_step"]) for t in grown["compute"]["train"]] == [
+      (0, 22), (22, 44), (44, 88)]
+  static_full = config_lib.apply_variant(tiny_config(), "static_full", {})  # sizes unused
+  for static_step, steps in ((3.5e6, 81), (2.6e6, 110)):
+    static = {"compute": compute.run_compute([], 88, static_step)}
+    matched = replicate.compute_matched_config(static_full, static, grown)
+    assert matched.train_steps == steps
+    config_lib.validate(matched)
+  assert config_lib.compute_matched_steps(1.0, 3.5e6) == 1  # at least one step
+
+
+@TINY_RUN_GROUP
+def test_the_tiny_runs_compute_and_its_compute_matched_static(tiny_run):
+  """The tiny run's recorded training FLOPs: its one train step's XLA count (slots held from
+  the start: one program) times its 88 steps, its events' spectra apart; a static_uniform
+  of the tiny config trained on them runs floor(88 x grown step / static step) steps."""
+  _, summary = tiny_run
+  compute_record = summary["compute"]
+  grown_step, _, _ = compiled_tiny_step()
+  assert compute_record["train"] == [{"from_step": a, "to_step": b, "step_flops": grown_step.flops}
+                                     for a, b in ((0, 22), (22, 44), (44, 88))]
+  assert compute_record["train_flops"] == 88 * grown_step.flops > 0
+  events = compute_record["events"]
+  assert [e["step"] for e in events] == [22, 44]
+  assert all(e["spectrum"] > 0 and e["split_check"] == e["unit_only"] == 0 for e in events)
+  assert compute_record["event_flops"] == sum(e["spectrum"] for e in events)
+
+  config = tiny_config()
+  sizes = train.model_sizes(config, input_pipeline.dataset_info(config.data))
+  static_config = config_lib.apply_variant(config, "static_uniform", sizes)
+  static_step, _, _ = compiled_tiny_step(static_config)
+  static = {"compute": compute.run_compute([], 88, static_step.flops)}
+  matched = replicate.compute_matched_config(static_config, static, summary)
+  assert matched.train_steps == int(88 * grown_step.flops // static_step.flops)
