@@ -199,9 +199,9 @@ def collect_layer_statistics(loss_fn: LossFn, variables, batch, layer_filter: La
   S is the average over batches.
   """
   batches = _as_batches(batch)
-  per_batch = []
-  for b in batches:
-    def loss_with_perturbation(perturbation, b=b):
+
+  def one_batch(b):
+    def loss_with_perturbation(perturbation):
       seen = {}
       def capture(module, x, y):
         path = layer_path(module)
@@ -215,19 +215,24 @@ def collect_layer_statistics(loss_fn: LossFn, variables, batch, layer_filter: La
              for p, s in find_growable_layers(loss_fn, variables, b).items()
              if _keeps(layer_filter, p)}
     grads, seen = jax.grad(loss_with_perturbation, has_aux=True)(zeros)
-    per_batch.append({p: (x, z, grads[p].astype(z.dtype) / len(batches)) for p, (x, z) in seen.items()})
+    return {p: (flat(x), flat(z), flat(grads[p].astype(z.dtype)) / len(batches))
+            for p, (x, z) in seen.items()}
 
   def flat(a):
     return a.reshape(-1, a.shape[-1])
 
-  def join(arrays):
-    if len({a.shape for a in arrays}) > 1:  # batches of different sizes
-      return jnp.concatenate(arrays)
-    # Token order does not matter (S sums over tokens). Stacked behind the token axis, which
-    # leads with the examples, batches stay split over a mesh's data axis; concatenated
-    # along it, they were gathered onto every device.
-    return jnp.stack(arrays, axis=1).reshape(-1, arrays[0].shape[-1])
-  return {p: tuple(join([flat(stats[p][i]) for stats in per_batch]) for i in range(3))
+  shapes = {(jax.tree.structure(b), tuple(np.shape(leaf) for leaf in jax.tree.leaves(b)))
+            for b in batches}
+  if len(batches) > 1 and len(shapes) == 1:
+    # One program body for all batches, applied in turn (compiling each batch's passes anew
+    # multiplies the program); token order does not matter (S sums over tokens). Stacked
+    # behind the token axis, which leads with the examples, batches stay split over a mesh's
+    # data axis; concatenated along it, they were gathered onto every device.
+    stacked = jax.lax.map(one_batch, jax.tree.map(lambda *leaves: jnp.stack(leaves), *batches))
+    return {p: tuple(jnp.moveaxis(a, 0, 1).reshape(-1, a.shape[-1]) for a in arrays)
+            for p, arrays in stacked.items()}
+  per_batch = [one_batch(b) for b in batches]  # one batch, or batches of different sizes
+  return {p: tuple(jnp.concatenate([stats[p][i] for stats in per_batch]) for i in range(3))
           for p in per_batch[0]}
 
 
@@ -409,11 +414,13 @@ def _start_vectors(rng, shapes: dict[LayerPath, tuple], places: dict[LayerPath, 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "kept"))
 def _collected_statistics(loss_fn, variables, batch, kept):
-  """The model's part of the collected method: statistics, G = sum_tokens g x~ (straight from
-  them: no pass of its own) and input scales, of the `kept` layers (paths)."""
+  """The model's part of the collected method: statistics, and straight from them (no pass of
+  their own, which would double the program's forward passes) G = sum_tokens g x~ and the
+  input scales of the `kept` layers (paths)."""
   stats = collect_layer_statistics(loss_fn, variables, batch, kept.__contains__)
   gradients = {p: g.T @ x_tilde for p, (x_tilde, _, g) in stats.items()}
-  return stats, gradients, input_scales(loss_fn, variables, batch, kept.__contains__)
+  scales = {p: jnp.mean(jnp.sum(x_tilde ** 2, axis=-1)) for p, (x_tilde, _, _) in stats.items()}
+  return stats, gradients, scales
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters", "places", "activations"))

@@ -177,10 +177,13 @@ def test_residuals_are_those_of_the_returned_pairs(x64, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_list_of_batches_averages_their_matrices(x64, method):
+@pytest.mark.parametrize("same_shapes", [False, True])
+def test_list_of_batches_averages_their_matrices(x64, method, same_shapes):
+  """Batches of different sizes: each batch's matrix counts once, whatever its token count;
+  batches of one shape (collected in one program body, batch after batch) alike."""
   problem = make_mlp(jnp.float64)
-  # Batches of different sizes: each batch's matrix counts once, whatever its token count.
-  batches = [problem.batch, make_mlp(jnp.float64, batch_size=2, tokens=5).batch]
+  batches = [problem.batch, (problem.make_batch(7) if same_shapes else
+                             make_mlp(jnp.float64, batch_size=2, tokens=5).batch)]
   per_batch = [capture_layer_statistics(problem.loss_fn, problem.variables, b) for b in batches]
   vecs = random_vectors(per_batch[0])
   products = [closed_form_hvp(stats, vecs) for stats in per_batch]
