@@ -31,9 +31,9 @@ the largest branch of a conditional. So:
   * unit_only: one unit-only step (its scan over one batch) times growth.unit_only_steps,
     plus the held-aside loss before and after; choosing its slots (host work) is not counted.
 Event work is measured by lowering its programs anew (tracing, no compiling: a second or two
-per event on the study's model, within the run's wall time). A run that resumes from the
-checkpoint of an earlier version, whose event records lack these fields, is refused when it
-restores (check_records) rather than given a partial count.
+per event on the study's model, within the run's wall time), so only in runs that measure
+their events (growth.measure_split or growth.unit_only_steps: the study's); elsewhere, and in
+a run resumed from the checkpoint of an earlier version, the counts its records lack are None.
 """
 
 from collections.abc import Callable
@@ -41,7 +41,8 @@ import time
 
 import jax
 
-from hetscale_jax import growth_event, unit_only
+from hetscale_jax import growth_event, layers, sharding, unit_only
+from hetscale_jax.layers import GROWTH_COLLECTION
 
 
 def program_flops(program) -> float:
@@ -67,6 +68,9 @@ def event_work(config, loss_fn: Callable, before, after, next_batches: list,
   g = config.growth
   start = time.perf_counter()
   probe = next_batches[:g.probe_batches]
+  # Exact lists already, as the spectrum takes them: cutting them is host work, not traceable.
+  before = layers.exact_lists({"params": before["params"],
+                               GROWTH_COLLECTION: sharding.host_value(before.get(GROWTH_COLLECTION, {}))})
   work = {"step": step, "split_check": 0.0, "unit_only": 0.0,
           "spectrum": lowered_flops(
               lambda v, b: growth_event.event_spectrum(config, loss_fn, v, b, step), before, probe)}
@@ -91,26 +95,20 @@ def held_aside_work(config, loss_fn: Callable, before, after, next_batches: list
   return work
 
 
-def check_records(growth_log: list[dict]) -> None:
-  """ValueError if a restored run's growth events were recorded without their FLOPs (by an
-  earlier version): its compute could not be counted at its end."""
-  missing = [e["step"] for e in growth_log if "work_flops" not in e]
-  if missing:
-    raise ValueError(f"the growth events at steps {missing} were recorded without their FLOPs "
-                     "(a checkpoint of an earlier version): train the run anew, in a new "
-                     "workdir, for its compute")
-
-
 def run_compute(growth_log: list[dict], total_steps: int, last_step_flops: float) -> dict:
   """summary["compute"] (module docstring) of a run that trained `total_steps` steps: each
   event's record holds the train-step FLOPs of the architecture trained up to it
-  ("step_flops_before") and its own work ("work_flops"); `last_step_flops` are those of the
-  train step after the last event (of the whole run, if it never grew)."""
+  ("step_flops_before") and, in a run that measures its events, its own work ("work_flops");
+  `last_step_flops` are those of the train step after the last event (of the whole run, if it
+  never grew). A count the records lack (events recorded by an earlier version, or work not
+  measured) is None."""
   bounds = [0] + [e["step"] for e in growth_log] + [total_steps]
-  step_flops = [e["step_flops_before"] for e in growth_log] + [last_step_flops]
+  step_flops = [e.get("step_flops_before") for e in growth_log] + [last_step_flops]
   train = [{"from_step": a, "to_step": b, "step_flops": f}
            for a, b, f in zip(bounds, bounds[1:], step_flops)]
-  events = [e["work_flops"] for e in growth_log]
+  events = [e.get("work_flops") for e in growth_log]
   work = lambda e: e["spectrum"] + e["split_check"] + e["unit_only"]
-  return {"train_flops": sum((t["to_step"] - t["from_step"]) * t["step_flops"] for t in train),
-          "train": train, "event_flops": sum(map(work, events)), "events": events}
+  return {"train_flops": (None if None in step_flops else
+                          sum((t["to_step"] - t["from_step"]) * t["step_flops"] for t in train)),
+          "train": train, "events": events,
+          "event_flops": None if None in events else sum(map(work, events))}

@@ -85,8 +85,9 @@ def run_measures(summary: dict, losses: dict[int, float], event_steps: list[int]
          "mflops": float("nan") if flops is None else flops / 1e6,
          "wall_seconds": summary["wall_seconds"], "steps": float(summary["steps"])}
   compute = summary.get("compute")  # absent from the runs of earlier versions
-  out["train_tflops"] = compute["train_flops"] / 1e12 if compute else float("nan")
-  out["event_tflops"] = compute["event_flops"] / 1e12 if compute else float("nan")
+  for name in ("train", "event"):  # None: not measured (compute.run_compute)
+    flops = (compute or {}).get(f"{name}_flops")
+    out[f"{name}_tflops"] = float("nan") if flops is None else flops / 1e12
   if summary.get("unit_ablation"):  # None for a static run
     intact, off = summary["unit_ablation"]["intact"], summary["unit_ablation"]["units_off"]
     out["units_off_top1"] = 100 * (off["top1"] - intact["top1"])

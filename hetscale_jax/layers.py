@@ -75,9 +75,6 @@ CONTRIBUTION = ("intermediates", "unit_contribution")
 UNIT_KINDS = {"linear": ("w", "b"), "gated": ("r", "a")}
 INDEX, DEPTH, HELD = "index", "depth", "held"
 MIN_CAPACITY = 8
-# The shortest prefix of a depth list with room that gets a branch of its own: a shorter one
-# saves less compute than its compiling costs (BENCHMARKS.md).
-MIN_PREFIX = 32
 
 
 def _check_kind(kind: str):
@@ -541,11 +538,12 @@ def _add_units(yt, xt, kind: str, rows: dict, neurons, activation: str, how: str
 
 def bucket_sizes(length: int) -> list[int]:
   """The prefixes of a depth list with room that a step may choose from: 0, the whole list, and
-  quarters of the one above down to MIN_PREFIX. Each is a branch that compiles, forward and
-  backward, and on CPU compile time grows with their number (BENCHMARKS.md), so a depth with
-  units computes at most four times as many slots as it holds, or MIN_PREFIX."""
+  quarters of the one above down to MIN_CAPACITY. Each is a branch that compiles, forward and
+  backward, and on CPU compile time grows with their number (fewer cost step time where few
+  units are held: BENCHMARKS.md), so a depth with units computes at most four times as many
+  slots as it holds, or MIN_CAPACITY."""
   sizes = [length] if length else []
-  while sizes and sizes[-1] // 4 >= MIN_PREFIX:
+  while sizes and sizes[-1] // 4 >= MIN_CAPACITY:
     sizes.append(sizes[-1] // 4)
   return [0] + sizes[::-1]
 

@@ -99,10 +99,11 @@ def format_flops(flops: int | None) -> str:
 
 
 def format_tflops(compute: dict | None) -> str:
-  """A run's training TFLOPs, + its growth events' (summary["compute"]); n/a without it."""
-  if compute is None:
-    return "n/a"
-  return f"{compute['train_flops'] / 1e12:.4g} + {compute['event_flops'] / 1e12:.4g}"
+  """A run's training TFLOPs, + its growth events' (summary["compute"]); n/a where a count is
+  missing (compute.run_compute)."""
+  tflops = lambda flops: "n/a" if flops is None else f"{flops / 1e12:.4g}"
+  compute = compute or {}
+  return f"{tflops(compute.get('train_flops'))} + {tflops(compute.get('event_flops'))}"
 
 
 def comparison_rows(runs: list[dict], names: list[str]) -> list[list[str]]:

@@ -274,16 +274,19 @@ def wait_for_warm_up(warm_up) -> float:
 def grow_and_recompile(config, model, tx, train_step, mesh, state, next_batches,
                        weights_left: list[float], num_classes: int, held_aside=None):
   """A growth event (growth_event.grow_state: `next_batches`, `held_aside` as it takes them) and
-  the train step compiled for its result; the event's record gets its own work's FLOPs."""
+  the train step compiled for its result; in a run that measures its events, the record gets
+  its own work's FLOPs (compute.py)."""
   before = state.variables
   state, event = growth_event.grow_state(config, model, tx, state, next_batches,
                                          weights_left=weights_left, num_classes=num_classes,
                                          model_input=model_input(config),
                                          peak_lr=peak_learning_rate(config), held_aside=held_aside)
-  event.record["work_flops"] = compute.event_work(
-      config, growth_event.probe_loss(model, num_classes, config.label_smoothing, model_input(config)),
-      before, state.variables, next_batches, held_aside, peak_learning_rate(config),
-      event.record["step"])
+  if held_aside:
+    event.record["work_flops"] = compute.event_work(
+        config, growth_event.probe_loss(model, num_classes, config.label_smoothing,
+                                        model_input(config)),
+        before, state.variables, next_batches, held_aside, peak_learning_rate(config),
+        event.record["step"])
   compiled = compile_train_step(train_step, mesh, state, next_batches[0])
   event.record["seconds_compile"] = compiled.seconds
   return sharding.put(state, compiled.shardings), compiled, event
@@ -345,7 +348,6 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
   restored = ckpt.restore(functools.partial(abstract_state, config, model, tx, info, mesh))
   state, growth_log = ((restored.state, restored.growth_events) if restored
                        else (init_state(config, model, tx, info), []))
-  compute.check_records(growth_log)
   state = sharding.put(state, state_shardings(mesh, state))
   start_step = int(state.step)  # the host counts from here on: no per-step wait for the devices
   batches = sharding.prefetch_to_mesh(input_pipeline.train_batches(

@@ -194,6 +194,12 @@ def test_every_grown_variant_measures_unit_only_training_alike(study):
     added = event["params_after"] - event["params_before"]
     assert measured["drop_per_param"] == pytest.approx(
         (measured["loss_before"] - measured["loss_after"]) / added, rel=1e-12), v
+  # A run that measures its events counts their work, and its summary sums it (compute.py).
+  for v, event in events.items():
+    work = event["work_flops"]
+    assert work["spectrum"] > 0 and work["unit_only"] > 0, v
+    compute = _summary(replicate.run_dir(study, v, 0))["compute"]
+    assert compute["event_flops"] == sum(work[k] for k in ("spectrum", "split_check", "unit_only"))
   before = {v: e["unit_only"]["loss_before"] for v, e in events.items()}
   assert before["authors"] == pytest.approx(before["splitting"], rel=1e-5)
   assert before["split"] != pytest.approx(before["splitting"], rel=1e-5)
@@ -238,8 +244,9 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
     assert row[4] == f"{s['base_params']:,}" and row[5] == f"{s['params']:,}"
     assert row[7] == str(len(s["growth_events"]))
     assert row[8] == f"{s['wall_seconds'] / 60:.1f} min"
-    compute = s["compute"]
-    assert row[9] == f"{compute['train_flops'] / 1e12:.4g} + {compute['event_flops'] / 1e12:.4g}"
+    # Neither run measures its events: the grown one's event work is not counted.
+    events = "n/a" if s["growth_events"] else "0"
+    assert row[9] == f"{s['compute']['train_flops'] / 1e12:.4g} + {events}"
 
   for name, s in zip(NAMES, (grown, static)):
     flops = report.forward_flops(s["architecture"], (8, 8, 1), tiny_config().model.patch_size)

@@ -162,18 +162,16 @@ def test_the_compute_matched_step_budget_by_hand():
 @TINY_RUN_GROUP
 def test_the_tiny_runs_compute_and_its_compute_matched_static(tiny_run):
   """The tiny run's recorded training FLOPs: its one train step's XLA count (slots held from
-  the start: one program) times its 88 steps, its events' spectra apart; a static_uniform
-  of the tiny config trained on them runs floor(88 x grown step / static step) steps."""
+  the start: one program) times its 88 steps, its events' own work not measured (it measures
+  no event); a static_uniform of the tiny config trained on them runs
+  floor(88 x grown step / static step) steps."""
   _, summary = tiny_run
   compute_record = summary["compute"]
   grown_step, _, _ = compiled_tiny_step()
   assert compute_record["train"] == [{"from_step": a, "to_step": b, "step_flops": grown_step.flops}
                                      for a, b in ((0, 22), (22, 44), (44, 88))]
   assert compute_record["train_flops"] == 88 * grown_step.flops > 0
-  events = compute_record["events"]
-  assert [e["step"] for e in events] == [22, 44]
-  assert all(e["spectrum"] > 0 and e["split_check"] == e["unit_only"] == 0 for e in events)
-  assert compute_record["event_flops"] == sum(e["spectrum"] for e in events)
+  assert compute_record["events"] == [None, None] and compute_record["event_flops"] is None
 
   config = tiny_config()
   sizes = train.model_sizes(config, input_pipeline.dataset_info(config.data))
