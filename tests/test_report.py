@@ -244,9 +244,10 @@ def test_report_tables_and_images_hold_the_runs_numbers(runs, tmp_path):
     assert row[4] == f"{s['base_params']:,}" and row[5] == f"{s['params']:,}"
     assert row[7] == str(len(s["growth_events"]))
     assert row[8] == f"{s['wall_seconds'] / 60:.1f} min"
-    # Neither run measures its events: the grown one's event work is not counted.
-    events = "n/a" if s["growth_events"] else "0"
-    assert row[9] == f"{s['compute']['train_flops'] / 1e12:.4g} + {events}"
+    # The study measures its events (unit-only training): the grown run counts their work.
+    compute = s["compute"]
+    assert (compute["event_flops"] > 0) == bool(s["growth_events"])
+    assert row[9] == f"{compute['train_flops'] / 1e12:.4g} + {compute['event_flops'] / 1e12:.4g}"
 
   for name, s in zip(NAMES, (grown, static)):
     flops = report.forward_flops(s["architecture"], (8, 8, 1), tiny_config().model.patch_size)
