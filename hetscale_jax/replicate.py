@@ -1,6 +1,7 @@
 r"""Replication: growth rules and static models, paired over seeds, with the study's evidence.
 
-    python -m hetscale_jax.replicate --workdir workdirs/replication                  # digits
+    python -m hetscale_jax.replicate --workdir workdirs/replication \
+        --config.growth.slots=events                                               # digits
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py \
         --workdir workdirs/study --jobs 2                                          # the study
     python -m hetscale_jax.replicate --config configs/study_mnist5k.py:late \

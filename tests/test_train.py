@@ -51,9 +51,9 @@ def test_a_few_train_steps_lower_the_loss_on_a_fixed_batch():
 
 def test_a_warmed_up_spectrum_compiles_nothing_at_the_events():
   """With the slots of the whole schedule held from the start (tiny_test), the spectrum that
-  warm_up_spectrum computes in its thread at the start has the programs of every event: the
-  event's spectrum, of trained parameters with units, compiles nothing, while training goes on
-  meanwhile from the state the thread copied."""
+  warm_up_spectrum computes in its thread has the programs of the next event, whose units are
+  those of the state it copied: the event's spectrum, of the parameters trained meanwhile from
+  that state, compiles nothing."""
   config = tiny_config()
   assert config.growth.slots == "schedule"
   step, state, batch = compiled_tiny_step()
