@@ -92,6 +92,7 @@ def run_scenario(data: int, fsdp: int) -> dict:
          "params0": _flat(state.params)}
 
   config.growth.budget_per_event = 400
+  config.growth.probe_batches = 2  # several batches: their statistics in one body (lax.map)
   grown, event = growth_event.grow_state(config, model, tx, state, batches[1:], weights_left=[1.0],
                                          num_classes=info.num_classes,
                                          model_input=train.model_input(config),
