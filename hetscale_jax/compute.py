@@ -16,7 +16,7 @@ summary["compute"] holds
 
 What the counts are. XLA's cost analysis counts what a program computes, elementwise work
 included, and (a limit of the analysis) the body of a loop once whatever its trip count, and
-the largest branch of a conditional. So:
+the largest branch of a conditional (a switch of 0, 1 and 2 matmuls counts 2). So:
   * a train step of slots sized at events (growth.slots "events", every study) is counted
     exactly; with slots held from the start ("schedule") its run-time choice of prefix is a
     conditional, and every step counts as the largest prefix: an upper bound;
