@@ -388,7 +388,7 @@ def exact_lists(variables):
   the same function, computed without the run-time choice of prefixes, in a program whose
   shapes change with every event (one that runs once per event, such as the spectrum, compiles
   faster so; one with no unit yet has no unit code at all). Host work: `growth` in numpy."""
-  params, growth = _split(variables)
+  params, growth = _split(checked_variables(variables, "exact_lists"))
   held_keys = [k for k in growth if k.rsplit("/", 1)[-1] in
                {param_name(kind, HELD) for kind in UNIT_KINDS}]
   for key in held_keys:
