@@ -84,9 +84,10 @@ def held_aside_work(config, loss_fn: Callable, before, after, next_batches: list
   """event_work's split_check and unit_only, where config.growth asks for them."""
   g = config.growth
   probe, work = next_batches[:g.probe_batches], {}
-  forward_before, forward_after = (lowered_flops(loss_fn, v, probe[0]) for v in (before, after))
+  forward_after = lowered_flops(loss_fn, after, probe[0])
   if g.measure_split:
-    work["split_check"] = (len(probe) + len(held_aside)) * (forward_before + forward_after)
+    work["split_check"] = (len(probe) + len(held_aside)) * (
+        lowered_flops(loss_fn, before, probe[0]) + forward_after)
   if g.unit_only_steps > 0:
     trainable = unit_only.new_slots(before, after)
     one_step = lowered_flops(lambda v, b: unit_only.train(loss_fn, v, trainable, [b], learning_rate),

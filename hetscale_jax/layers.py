@@ -152,6 +152,11 @@ class UnitPack(NamedTuple):
       return [int(np.shape(slots)[0]) for slots in self.depths]
     return np.asarray(self.held).tolist()
 
+  def unit_lists(self) -> list[np.ndarray]:
+    """Each depth's slots that hold units, on the host: its list, or in a pack with room the
+    list's first held_per_depth entries (the rest is padding)."""
+    return [np.asarray(slots)[:n] for slots, n in zip(self.depths, self.held_per_depth())]
+
   def units_per_depth(self) -> list[int]:
     """The units at each depth, down to the deepest that holds any."""
     held = self.held_per_depth()
@@ -285,12 +290,11 @@ def _new_depths(pack: UnitPack, depth: np.ndarray, first: int, slots: int):
   `depth` each, the lists' empty entries renumbered `slots` (the new capacity). A pack with
   room writes into its lists' empty entries, lengthening a list only where they are too few;
   one without gets lists exactly as long as their units. Numpy, on the host."""
-  old = [np.asarray(d) for d in pack.depths]
-  held = pack.held_per_depth()
+  old, kept_lists = [np.asarray(d) for d in pack.depths], pack.unit_lists()
   count = max(len(old), int(depth.max(initial=-1)) + 1)
   lists, counts = [], []
   for d in range(count):
-    kept = old[d][:held[d]] if d < len(old) else np.zeros(0, np.int32)
+    kept = kept_lists[d] if d < len(old) else np.zeros(0, np.int32)
     added = first + np.flatnonzero(depth == d).astype(np.int32)
     units = np.concatenate([kept, added])
     length = max(len(old[d]) if d < len(old) and pack.held is not None else 0, len(units))
@@ -369,12 +373,10 @@ def live_units(variables, path: str) -> dict[str, LiveUnits]:
                         GROWTH_COLLECTION: sharding.host_value(variables.get(GROWTH_COLLECTION, {}))})
   out = {}
   for kind, pack in packs.get(path, {}).items():
-    # A depth's list names its units first; in a pack with room the rest is padding.
-    held = pack.held_per_depth()
-    slots = np.concatenate([np.zeros(0, np.int32)] +
-                           [np.asarray(d)[:n] for d, n in zip(pack.depths, held)])
+    lists = pack.unit_lists()
+    slots = np.concatenate([np.zeros(0, np.int32)] + lists)
     depths = np.concatenate([np.zeros(0, np.int32)] +
-                            [np.full(n, d, np.int32) for d, n in enumerate(held)])
+                            [np.full(len(l), d, np.int32) for d, l in enumerate(lists)])
     order = np.argsort(slots, kind="stable")
     slots, depths = slots[order], depths[order]
     out[kind] = LiveUnits(slots, np.asarray(pack.index)[slots], depths,
@@ -399,8 +401,8 @@ def exact_lists(variables):
     for depth in range(len(pack.depths)):
       del growth[prefix + depth_name(kind, depth)]
     del growth[key]
-    for depth, units in enumerate(pack.units_per_depth()):
-      growth[prefix + depth_name(kind, depth)] = np.asarray(pack.depths[depth])[:units]
+    for depth, slots in enumerate(pack.unit_lists()[:len(pack.units_per_depth())]):
+      growth[prefix + depth_name(kind, depth)] = slots
   return {**variables, GROWTH_COLLECTION: traverse_util.unflatten_dict(growth, sep="/")}
 
 

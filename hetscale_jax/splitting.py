@@ -200,6 +200,9 @@ def collect_layer_statistics(loss_fn: LossFn, variables, batch, layer_filter: La
   """
   batches = _as_batches(batch)
 
+  def flat(a):
+    return a.reshape(-1, a.shape[-1])
+
   def one_batch(b):
     def loss_with_perturbation(perturbation):
       seen = {}
@@ -218,9 +221,6 @@ def collect_layer_statistics(loss_fn: LossFn, variables, batch, layer_filter: La
     return {p: (flat(x), flat(z), flat(grads[p].astype(z.dtype)) / len(batches))
             for p, (x, z) in seen.items()}
 
-  def flat(a):
-    return a.reshape(-1, a.shape[-1])
-
   shapes = {(jax.tree.structure(b), tuple(np.shape(leaf) for leaf in jax.tree.leaves(b)))
             for b in batches}
   if len(batches) > 1 and len(shapes) == 1:
@@ -236,6 +236,11 @@ def collect_layer_statistics(loss_fn: LossFn, variables, batch, layer_filter: La
           for p in per_batch[0]}
 
 
+def input_scale(x_tilde) -> jax.Array:
+  """mean |x~|^2 over the tokens of x~ [..., d_in + 1]: a layer's input scale."""
+  return jnp.mean(jnp.sum(x_tilde ** 2, axis=-1))
+
+
 def input_scales(loss_fn: LossFn, variables, batch,
                  layer_filter: LayerFilter = None) -> dict[LayerPath, jax.Array]:
   """{path: mean |x~|^2 over all probe tokens}: the input scale of each layer layer_filter
@@ -245,8 +250,7 @@ def input_scales(loss_fn: LossFn, variables, batch,
   for b in batches:
     seen = {}
     def measure(module, x, y, seen=seen):
-      x_tilde = layers.with_bias_input(x.astype(statistics_dtype(y)))
-      seen[layer_path(module)] = jnp.mean(jnp.sum(x_tilde ** 2, axis=-1))
+      seen[layer_path(module)] = input_scale(layers.with_bias_input(x.astype(statistics_dtype(y))))
       return y
     with _on_growable_outputs(measure, layer_filter):
       loss_fn(variables, b)
@@ -419,7 +423,7 @@ def _collected_statistics(loss_fn, variables, batch, kept):
   input scales of the `kept` layers (paths)."""
   stats = collect_layer_statistics(loss_fn, variables, batch, kept.__contains__)
   gradients = {p: g.T @ x_tilde for p, (x_tilde, _, g) in stats.items()}
-  scales = {p: jnp.mean(jnp.sum(x_tilde ** 2, axis=-1)) for p, (x_tilde, _, _) in stats.items()}
+  scales = {p: input_scale(x_tilde) for p, (x_tilde, _, _) in stats.items()}
   return stats, gradients, scales
 
 
