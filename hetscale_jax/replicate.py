@@ -48,6 +48,7 @@ persistent XLA cache in <workdir>/xla_cache. The report goes to
 <workdir>/forest.png.
 """
 
+from collections.abc import Callable
 import contextlib
 import datetime
 import multiprocessing
@@ -58,6 +59,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -219,11 +221,12 @@ def output_to(path: str):
         os.close(copy)
 
 
-def in_processes(tasks: dict, jobs: int):
+def in_processes(tasks: dict, jobs: int, follow_up: Callable[[Any, int], dict] | None = None):
   """Runs each task, key -> (function, args), in a process of its own, at most `jobs` at a
-  time; yields (key, exit code) as they end. SIGTERM to this process starts no further task
-  and passes SIGTERM on to the running ones (a training run then saves a checkpoint and stops:
-  the same command resumes it)."""
+  time; yields (key, exit code) as they end. `follow_up(key, exit code)`, called as each ends,
+  gives tasks that its end made ready to run: they start before those still waiting. SIGTERM
+  to this process starts no further task and passes SIGTERM on to the running ones (a training
+  run then saves a checkpoint and stops: the same command resumes it)."""
   # Fresh interpreters (not fork): JAX's threads do not survive a fork. One run per process: a
   # process that keeps its compiled executables across runs accumulates them until compiling
   # runs out of memory.
@@ -254,19 +257,43 @@ def in_processes(tasks: dict, jobs: int):
         process = running.pop(key)
         process.join()
         yield key, process.exitcode
-  finally:
+        if follow_up:
+          ready = follow_up(key, process.exitcode)
+          tasks = {**tasks, **ready}
+          waiting[:0] = list(ready)
+  finally:  # an error stops the study as SIGTERM does: the running runs save a checkpoint
+    for process in running.values():
+      process.terminate()
+      process.join()
     signal.signal(signal.SIGTERM, previous)
 
 
-def run_all(configs: dict, jobs: int) -> dict:
-  """Trains every (variant, seed) -> (config, workdir) lacking a summary; returns the
-  summaries by (variant, seed), None for a run that failed or stopped."""
-  summaries = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
-  todo = {key: (train_one, configs[key]) for key, s in summaries.items() if s is None}
+def run_all(configs: dict, jobs: int, derived: Callable[[dict], dict] = lambda summaries: {}
+            ) -> dict:
+  """Trains every (variant, seed) -> (config, workdir) lacking a summary, and each run that
+  `derived(summaries)` gives once the runs it follows from have finished (the compute-matched
+  statics), before the runs still waiting; returns the summaries by (variant, seed), None for
+  a run that failed or stopped."""
+  configs, summaries, to_train = dict(configs), {}, set()
+
+  def trainable(new: dict) -> dict:
+    check_run_dirs(new)
+    configs.update(new)
+    summaries.update({key: workdir_lib.read_summary(d) for key, (_, d) in new.items()})
+    tasks = {key: (train_one, new[key]) for key in new if summaries[key] is None}
+    to_train.update(tasks)
+    return tasks
+
+  def ready() -> dict:
+    return trainable({k: v for k, v in derived(summaries).items() if k not in configs})
+
+  todo = trainable(configs)
+  todo = ready() | todo
   print(f"{len(configs) - len(todo)} runs already done, {len(todo)} to train with {jobs} "
         "worker process(es)", flush=True)
   start = time.perf_counter()
-  for done, (key, exit_code) in enumerate(in_processes(todo, jobs), 1):
+  for done, (key, exit_code) in enumerate(
+      in_processes(todo, jobs, follow_up=lambda key, exit_code: ready()), 1):
     directory = configs[key][1]
     s = summaries[key] = workdir_lib.read_summary(directory)
     if s is not None:
@@ -275,7 +302,7 @@ def run_all(configs: dict, jobs: int) -> dict:
       result = "stopped (SIGTERM): the same command resumes it from its checkpoint"
     else:
       result = f"FAILED (exit code {exit_code}; {directory}/train.log says why)"
-    print(f"[{done}/{len(todo)}, {report.format_minutes(time.perf_counter() - start)}] "
+    print(f"[{done}/{len(to_train)}, {report.format_minutes(time.perf_counter() - start)}] "
           f"{key[0]} seed {key[1]}: {result}", flush=True)
   return summaries
 
@@ -317,9 +344,9 @@ def study_measures(configs: dict, summaries: dict, event_steps: list[int],
 def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event_steps: int,
               report_only: bool = False, static_workdir: str | None = None,
               compute_matched=()) -> tuple[str, int]:
-  """Trains what is missing of every (variant, seed) (report_only: nothing), then of the
-  statics trained on the FLOPs of the grown runs `compute_matched` names (module docstring),
-  and writes the report of the runs that finished; returns its text and the number of failed
+  """Trains what is missing of every (variant, seed) (report_only: nothing), seed by seed,
+  and of the statics trained on the FLOPs of the grown runs `compute_matched` names (module
+  docstring) as soon as their seed's runs have finished, and writes the report of the runs that finished; returns its text and the number of failed
   runs (none when report_only). The static variants' runs are in `static_workdir` (default:
   `workdir`)."""
   matched_names = compute_matched_names(variants, list(compute_matched))
@@ -339,15 +366,18 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   check_run_dirs(configs)
   os.makedirs(workdir, exist_ok=True)  # the report's, even where every run is elsewhere
   start = time.perf_counter()
-  train_all = lambda configs: ({key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
-                                if report_only else run_all(configs, jobs))
-  summaries = train_all(configs)
-  # Their steps follow from finished runs: trained once those are.
-  matched = compute_matched_configs(configs, summaries, matched_names, seeds, workdir)
-  check_run_dirs(matched)
-  summaries |= train_all(matched)
+  # Their steps follow from finished runs: each is trained once its seed's two are.
+  matched = lambda summaries: compute_matched_configs(configs, summaries, matched_names, seeds,
+                                                      workdir)
+  if report_only:
+    summaries = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
+    derived = matched(summaries)
+    summaries |= {key: workdir_lib.read_summary(d) for key, (_, d) in derived.items()}
+  else:
+    summaries = run_all(configs, jobs, derived=matched)
+    derived = matched(summaries)
   expected = len(configs) + len(matched_names) * seeds
-  configs |= matched
+  configs |= derived
   growth_config = base.copy_and_resolve_references()
   growth_config.growth.enabled = True
   event_steps = growth_event.event_steps(

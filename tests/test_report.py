@@ -108,6 +108,16 @@ def test_sigterm_starts_no_new_run_and_passes_on_to_the_running_ones():
   assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_task_made_ready_by_one_that_ended_runs_before_those_waiting():
+  """in_processes' follow_up: what a task's end makes ready (a seed's compute-matched statics)
+  starts before the tasks still waiting (the next seed's runs)."""
+  tasks = {("grown", 0): (time.sleep, (0,)), ("grown", 1): (time.sleep, (0,))}
+  follow = {("grown", 0): {("matched", 0): (time.sleep, (0,))}}
+  order = [key for key, exit_code in replicate.in_processes(
+      tasks, jobs=1, follow_up=lambda key, exit_code: follow.get(key, {}))]
+  assert order == [("grown", 0), ("matched", 0), ("grown", 1)]
+
+
 @pytest.fixture(scope="module")
 def runs(study):
   """(a grown run, a static run) of the study."""
