@@ -49,6 +49,7 @@ persistent XLA cache in <workdir>/xla_cache. The report goes to
 """
 
 from collections.abc import Callable
+import collections
 import contextlib
 import datetime
 import multiprocessing
@@ -309,11 +310,19 @@ def run_all(configs: dict, jobs: int, derived: Callable[[dict], dict] = lambda s
 
 # ---------------------------------------------------------------------------- report
 
-def settings(base, seeds: int, jobs: int, wall_seconds: float | None) -> list[str]:
+def code_line(summaries: dict) -> str:
+  """The commits the finished runs ran at, with their counts (summary["commit"])."""
+  commits = collections.Counter(s.get("commit") or "not recorded"
+                                for s in summaries.values() if s is not None)
+  return "Code: " + "; ".join(f"commit {c} ({n} runs)" for c, n in commits.most_common()) + "."
+
+
+def settings(base, seeds: int, jobs: int, wall_seconds: float | None, summaries: dict
+             ) -> list[str]:
   """The report's opening lines; wall_seconds None: this call trained nothing."""
   g = base.growth
   wall = "" if wall_seconds is None else f", {wall_seconds / 60:.0f} min in all"
-  return [
+  return [code_line(summaries), "",
       f"Date {datetime.date.today().isoformat()}; {platform.node()}, {os.cpu_count()} CPU "
       f"cores, {jax.devices()[0].platform}; python {platform.python_version()}, jax "
       f"{jax.__version__}; {jobs} run(s) at a time{wall}.",
@@ -387,7 +396,8 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   lines = ["# Replication", ""]
   if finished < expected:
     lines += [f"**{finished} of {expected} runs finished: a report of a study in progress.**", ""]
-  lines += settings(base, seeds, jobs, None if report_only else time.perf_counter() - start)
+  lines += settings(base, seeds, jobs, None if report_only else time.perf_counter() - start,
+                    summaries)
   lines += [f"K = {post_event_steps} steps after each growth event (at steps {event_steps}).", ""]
   lines += evidence.study_report(measures, losses, list(variants) + matched_names, seeds,
                                  event_steps, post_event_steps, workdir)

@@ -488,7 +488,7 @@ def write_summary(workdir: str, info, state: TrainState, last_eval: dict, total_
   architecture = spec.from_variables(state.variables)
   summary = {"dataset": info.name, "eval": last_eval, "params": spec.count_params(state.variables),
              "base_params": base_params, "steps": total_steps, "growth_events": growth_log,
-             "architecture": architecture, **extra}
+             "architecture": architecture, "commit": workdir_lib.code_commit(), **extra}
   workdir_lib.write_summary(workdir, summary)
   plots.final_figures(workdir)
   print(f"\nfinal: top-1 {last_eval['top1']:.2%} (top-5 {last_eval['top5']:.2%}) on "

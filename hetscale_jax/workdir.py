@@ -12,7 +12,8 @@ Layout:
   config.json           the run's config, written when the workdir is claimed. A later run on
                         this workdir must have the same config, RESUMABLE_FIELDS aside
                         (and the growth fields, where neither grows).
-  summary.json          the final summary (train.write_summary): present once the run finished
+  summary.json          the final summary (train.write_summary): present once the run finished,
+                        with the code's commit (code_commit)
   metrics.jsonl         one JSON record per log step, evaluation and growth event (writers)
   tensorboard/          the same scalars for TensorBoard (writers)
   plots/                figures (plots)
@@ -22,6 +23,8 @@ Layout:
 """
 
 import json
+import os
+import subprocess
 import uuid
 
 from etils import epath
@@ -209,6 +212,21 @@ def read_summary(workdir: str) -> dict | None:
   """The summary of a finished run, or None if the run has not finished."""
   path = summary_path(workdir)
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def code_commit() -> str | None:
+  """The git commit of the checkout this package runs from, "+modified" added if its tracked
+  files differ from that commit; None for an installed package (no checkout of its own)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  git = lambda *args: subprocess.run(["git", "-C", root, *args], capture_output=True,
+                                     text=True, check=True).stdout.strip()
+  try:
+    if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+      return None  # inside some other repository, such as a virtual environment in one
+    modified = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD") + ("+modified" if modified else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
 
 
 def write_summary(workdir: str, summary: dict) -> None:

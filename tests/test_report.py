@@ -60,6 +60,7 @@ def test_report_only_renders_the_finished_runs_and_trains_nothing(study):
                                      variants=STUDY_VARIANTS, post_event_steps=5, report_only=True)
   assert failed == 0
   assert "**5 of 10 runs finished: a report of a study in progress.**" in text
+  assert f"Code: commit {workdir_lib.code_commit()} (5 runs)." in text
   assert "| top1 | authors - splitting | 1 |" in text
   assert not any(os.path.exists(replicate.run_dir(study, v, 1)) for v in STUDY_VARIANTS)
 

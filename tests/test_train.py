@@ -1,6 +1,9 @@
 """The training loop: recipe pieces, a few steps on a fixed batch, and a run with growth."""
 
+import importlib.util
 import os
+import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -121,6 +124,29 @@ def test_training_run_grows_by_the_plan_and_keeps_learning(tiny_run):
   assert set(units["contribution"]) == {p for p, layer in summary["architecture"]["layers"].items()
                                         if spec.layer_units(layer)}
   assert all(v > 0 for v in units["contribution"].values())
+
+
+def test_a_summary_names_the_commit_of_the_code_it_ran(tiny_run, tmp_path):
+  """summary["commit"]: the checkout's HEAD, "+modified" where a tracked file differs from it,
+  None for a package outside a checkout of its own; checked on a copy of the module."""
+  assert tiny_run[1]["commit"] == workdir_lib.code_commit()
+  package = tmp_path / "checkout" / "hetscale_jax"
+  package.mkdir(parents=True)
+  module_file = package / "workdir.py"
+  shutil.copy(workdir_lib.__file__, module_file)
+  loader_spec = importlib.util.spec_from_file_location("copied_workdir", module_file)
+  copied = importlib.util.module_from_spec(loader_spec)
+  loader_spec.loader.exec_module(copied)
+  assert copied.code_commit() is None
+  git = lambda *args: subprocess.run(
+      ["git", "-C", str(package.parent), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+      capture_output=True, text=True, check=True).stdout.strip()
+  git("init", "-q")
+  git("add", ".")
+  git("commit", "-qm", "copy")
+  assert copied.code_commit() == git("rev-parse", "HEAD")
+  module_file.write_text(module_file.read_text() + "\n")
+  assert copied.code_commit() == git("rev-parse", "HEAD") + "+modified"
 
 
 def test_a_compressed_schedule_warms_up_and_decays_within_train_steps():
