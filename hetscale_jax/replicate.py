@@ -42,22 +42,32 @@ report. --report_only renders the report of the runs finished so far and trains 
 look at a study still running in another process). --static_workdir puts the static variants'
 runs in another study's workdir: they do not grow, so two studies that differ only in when
 they grow share them (workdir.config_differences accepts them). Every run directory that
-holds a config is checked against its run's config before any training. All runs share one
+holds a config is checked against its run's config before any training.
+
+--archive DIR keeps a study across machines: its finished runs are restored from DIR before
+any training (a run finished elsewhere is not trained again) and, once the command ends,
+stopped or not, those DIR lacks are added to it as one new runs-<time>.tar.gz (each run's
+config, summary and training losses, about 27 KB; commit DIR). With --report_only it archives
+the runs finished so far of a study still running in another process. All runs share one
 persistent XLA cache in <workdir>/xla_cache. The report goes to
 <workdir>/replication.md (and stdout), its figures to <workdir>/loss_around_events.png and
 <workdir>/forest.png.
 """
 
-from collections.abc import Callable
 import collections
+from collections.abc import Callable
 import contextlib
 import datetime
+import glob
+import io
+import json
 import multiprocessing
 from multiprocessing import connection
 import os
 import platform
 import signal
 import sys
+import tarfile
 import time
 import traceback
 from typing import Any
@@ -95,6 +105,9 @@ _REPORT_ONLY = flags.DEFINE_bool(
 _COMPUTE_MATCHED = flags.DEFINE_list(
     "compute_matched", [], "Grown runs (e.g. splitting,splitting@0.3) on whose training FLOPs "
     "static_full and static_uniform are also trained, seed by seed.")
+_ARCHIVE = flags.DEFINE_string(
+    "archive", None, "A directory of the study's finished runs (config, summary, losses): "
+    "restored from before training, added to at the end.")
 _POST_EVENT_STEPS = flags.DEFINE_integer(
     "post_event_steps", 50, "K: the training steps after each growth event whose mean loss "
     "the rules are compared on.")
@@ -308,6 +321,92 @@ def run_all(configs: dict, jobs: int, derived: Callable[[dict], dict] = lambda s
   return summaries
 
 
+# ---------------------------------------------------------------------------- archive
+
+ARCHIVED_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.METRICS_FILE, workdir_lib.SUMMARY_FILE)
+
+
+def _archived_metrics(path: str) -> str:
+  """metrics.jsonl as archived: what the study's report reads, training records cut to their
+  step and loss, progress records left out (two thirds of a run's metrics, with every step
+  logged)."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["kind"] == "train":
+        record = {k: record[k] for k in ("kind", "step", "loss")}
+      if record["kind"] != "progress":
+        records.append(json.dumps(record))
+  return "".join(r + "\n" for r in records)
+
+
+def _archive_name(key) -> str:
+  return f"{key[0]}/seed{key[1]}"
+
+
+def read_archive(directory: str) -> dict:
+  """(variant, seed) -> {file: text} of every run in `directory`'s archives."""
+  runs = {}
+  for path in sorted(glob.glob(os.path.join(directory, "runs-*.tar.gz"))):
+    with tarfile.open(path) as tar:
+      for member in tar.getmembers():
+        if member.isfile():
+          variant, seed, file = member.name.removeprefix("./").split("/")
+          runs.setdefault((variant, int(seed.removeprefix("seed"))), {})[file] = (
+              tar.extractfile(member).read().decode())
+  return runs
+
+
+def restore_runs(directory: str, configs: dict, run_dir_of: Callable[[Any], str]) -> int:
+  """Writes each archived run that has no summary yet into its run directory (`run_dir_of`
+  its key), summary last; returns how many. A run of `configs` whose archived config is
+  another is refused (WorkdirError) before anything is written."""
+  archived = read_archive(directory)
+  for key, files in archived.items():
+    if key in configs:
+      workdir_lib.refuse_other_config(
+          f"archived run {_archive_name(key)} in {directory}",
+          json.loads(files[workdir_lib.CONFIG_FILE]), workdir_lib.config_dict(configs[key][0]))
+  restored = 0
+  for key, files in archived.items():
+    directory_of_run = run_dir_of(key)
+    if workdir_lib.read_summary(directory_of_run) is None:
+      os.makedirs(directory_of_run, exist_ok=True)
+      for file in ARCHIVED_FILES:
+        with open(os.path.join(directory_of_run, file), "w") as f:
+          f.write(files[file])
+      restored += 1
+  return restored
+
+
+def archive_runs(directory: str, run_dirs: dict) -> str | None:
+  """Adds the finished runs of `run_dirs` ((variant, seed) -> run directory) that
+  `directory`'s archives lack to a new archive there; returns its path (None: none new)."""
+  archived = read_archive(directory) if os.path.isdir(directory) else {}
+  new = {key: d for key, d in sorted(run_dirs.items())
+         if key not in archived and workdir_lib.read_summary(d) is not None}
+  if not new:
+    return None
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"runs-{datetime.datetime.now():%Y-%m-%d-%H%M%S}.tar.gz")
+  with tarfile.open(path + ".tmp", "w:gz") as tar:  # renamed once whole
+    for key, run in new.items():
+      for file in ARCHIVED_FILES:
+        source = os.path.join(run, file)
+        if file == workdir_lib.METRICS_FILE:
+          text = _archived_metrics(source)
+        else:
+          with open(source) as f:
+            text = f.read()
+        data = text.encode()
+        info = tarfile.TarInfo(f"{_archive_name(key)}/{file}")
+        info.size, info.mtime = len(data), int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+  os.replace(path + ".tmp", path)
+  return path
+
+
 # ---------------------------------------------------------------------------- report
 
 def code_line(summaries: dict) -> str:
@@ -352,12 +451,13 @@ def study_measures(configs: dict, summaries: dict, event_steps: list[int],
 
 def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event_steps: int,
               report_only: bool = False, static_workdir: str | None = None,
-              compute_matched=()) -> tuple[str, int]:
+              compute_matched=(), archive: str | None = None) -> tuple[str, int]:
   """Trains what is missing of every (variant, seed) (report_only: nothing), seed by seed,
   and of the statics trained on the FLOPs of the grown runs `compute_matched` names (module
   docstring) as soon as their seed's runs have finished, and writes the report of the runs that finished; returns its text and the number of failed
   runs (none when report_only). The static variants' runs are in `static_workdir` (default:
-  `workdir`)."""
+  `workdir`). `archive`: the directory of the study's finished runs, restored from first and
+  added to last (module docstring)."""
   matched_names = compute_matched_names(variants, list(compute_matched))
   if base.growth.slots != "events":
     # Slots held from the start differ in shape between unit kinds and are absent from static
@@ -372,6 +472,9 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   home = lambda v: (static_workdir or workdir) if v in config_lib.STATIC_VARIANTS else workdir
   configs = {(v, s): (variant_config(base, v, s, sizes), run_dir(home(v), v, s))
              for s in range(seeds) for v in variants}
+  if archive:
+    restored = restore_runs(archive, configs, lambda key: run_dir(home(key[0]), *key))
+    print(f"{restored} finished runs restored from {archive}", flush=True)
   check_run_dirs(configs)
   os.makedirs(workdir, exist_ok=True)  # the report's, even where every run is elsewhere
   start = time.perf_counter()
@@ -404,6 +507,10 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "replication.md"), "w") as f:
     f.write(text)
+  # Its own runs: another study's static runs belong to that study's archive.
+  if archive and (added := archive_runs(archive, {key: d for key, (_, d) in configs.items()
+                                                  if home(key[0]) == workdir})):
+    print(f"finished runs archived in {added}", flush=True)
   return text, 0 if report_only else len(summaries) - finished
 
 
@@ -425,7 +532,7 @@ def main(argv):
   text, failed = run_study(base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value,
                            variants=variants, post_event_steps=_POST_EVENT_STEPS.value,
                            report_only=_REPORT_ONLY.value, static_workdir=_STATIC_WORKDIR.value,
-                           compute_matched=_COMPUTE_MATCHED.value)
+                           compute_matched=_COMPUTE_MATCHED.value, archive=_ARCHIVE.value)
   print("\n" + text)
   if failed:
     sys.exit(f"{failed} run(s) failed or were stopped: the lines above say which, a failed "

@@ -85,6 +85,34 @@ def test_a_study_that_grows_later_reads_the_static_runs_of_another(study, tmp_pa
   assert not os.path.exists(tmp_path / "other")
 
 
+def test_a_study_archived_on_one_machine_goes_on_on_another(study, tmp_path):
+  """--archive: the finished runs go into one archive (once: a second call adds none), and a
+  study in a new workdir restores them, trains none of them again and reports the same
+  tables; an archive of another config's runs is refused before anything is written."""
+  archive = str(tmp_path / "archive")
+  kwargs = dict(seeds=1, jobs=1, variants=STUDY_VARIANTS, post_event_steps=5, archive=archive)
+  text, _ = replicate.run_study(study_config(), study, report_only=True, **kwargs)
+  replicate.run_study(study_config(), study, report_only=True, **kwargs)
+  (archived,) = os.listdir(archive)
+  assert re.fullmatch(r"runs-[-0-9]+\.tar\.gz", archived)
+  assert sorted(replicate.read_archive(archive)) == [(v, 0) for v in sorted(STUDY_VARIANTS)]
+
+  elsewhere = str(tmp_path / "elsewhere")
+  text_elsewhere, failed = replicate.run_study(study_config(), elsewhere, **kwargs)
+  assert failed == 0
+  assert not os.path.exists(os.path.join(elsewhere, "splitting", "seed0", "checkpoints"))
+  tables = lambda text: text[text.index("K = "):]
+  assert tables(text_elsewhere) == tables(text)
+  assert os.listdir(archive) == [archived]
+
+  other = study_config()
+  other.model.mlp_dim = 24
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r"archived run .*seed0 .* another config .*model.mlp_dim: 16 -> 24"):
+    replicate.run_study(other, str(tmp_path / "other"), **kwargs)
+  assert not os.path.exists(tmp_path / "other")
+
+
 def test_a_study_refuses_slots_held_from_the_start(tmp_path):
   config = study_config()
   config.growth.slots = "schedule"
