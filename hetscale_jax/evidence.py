@@ -374,8 +374,8 @@ def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps
     lines += halving_table(losses, counterparts, event_steps, k, window)
   if rows:
     plots.save(forest_figure(rows), os.path.join(workdir, "forest.png"))
-  curves = {v: [run for (name, _), run in losses.items() if name == v]
-            for v in grown + ["static_reduced"] if v in variants}
+  curves = {v: runs for v in grown + ["static_reduced"] if v in variants
+            and (runs := [run for (name, _), run in losses.items() if name == v])}
   if event_steps and curves:
     plots.save(loss_around_events_figure(curves, event_steps, before=k, after=2 * k),
                os.path.join(workdir, "loss_around_events.png"))

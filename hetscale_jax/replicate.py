@@ -420,11 +420,13 @@ def settings(base, seeds: int, jobs: int, wall_seconds: float | None, summaries:
              ) -> list[str]:
   """The report's opening lines; wall_seconds None: this call trained nothing."""
   g = base.growth
-  wall = "" if wall_seconds is None else f", {wall_seconds / 60:.0f} min in all"
+  # A report alone (wall_seconds None) does not know how the runs were trained.
+  run = ("" if wall_seconds is None
+         else f"; {jobs} run(s) at a time, {wall_seconds / 60:.0f} min in all")
   return [code_line(summaries), "",
       f"Date {datetime.date.today().isoformat()}; {platform.node()}, {os.cpu_count()} CPU "
       f"cores, {jax.devices()[0].platform}; python {platform.python_version()}, jax "
-      f"{jax.__version__}; {jobs} run(s) at a time{wall}.",
+      f"{jax.__version__}{run}.",
       f"Config: DeiT-{base.model.variant} width {base.model.width}, depth {base.model.depth}, "
       f"{base.model.num_heads} heads, reduced head_dim {base.model.head_dim} / mlp_dim "
       f"{base.model.mlp_dim}, patch {base.model.patch_size}, on {base.data.name}; "

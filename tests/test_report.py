@@ -54,15 +54,18 @@ def study_config():
 
 
 def test_report_only_renders_the_finished_runs_and_trains_nothing(study):
-  """A second seed asked for but not trained: the report says how many runs finished, and
-  no run directory of the second seed appears."""
+  """A second seed and a variant asked for but not trained: the report says how many runs
+  finished, claims no way of training them, and no run directory of them appears."""
   text, failed = replicate.run_study(study_config(), study, seeds=2, jobs=1,
-                                     variants=STUDY_VARIANTS, post_event_steps=5, report_only=True)
+                                     variants=STUDY_VARIANTS + ["random"], post_event_steps=5,
+                                     report_only=True)
   assert failed == 0
-  assert "**5 of 10 runs finished: a report of a study in progress.**" in text
+  assert "**5 of 12 runs finished: a report of a study in progress.**" in text
+  assert "| random | 0/2 |" in text and "run(s) at a time" not in text
   assert f"Code: commit {workdir_lib.code_commit()} (5 runs)." in text
   assert "| top1 | authors - splitting | 1 |" in text
-  assert not any(os.path.exists(replicate.run_dir(study, v, 1)) for v in STUDY_VARIANTS)
+  untrained = [(v, 1) for v in STUDY_VARIANTS] + [("random", 0), ("random", 1)]
+  assert not any(os.path.exists(replicate.run_dir(study, v, s)) for v, s in untrained)
 
 
 def test_a_study_that_grows_later_reads_the_static_runs_of_another(study, tmp_path):
