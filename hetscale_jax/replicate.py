@@ -286,12 +286,12 @@ def run_all(configs: dict, jobs: int, derived: Callable[[dict], dict] = lambda s
             ) -> dict:
   """Trains every (variant, seed) -> (config, workdir) lacking a summary, and each run that
   `derived(summaries)` gives once the runs it follows from have finished (the compute-matched
-  statics), before the runs still waiting; returns the summaries by (variant, seed), None for
-  a run that failed or stopped."""
+  statics; their run directories checked as check_run_dirs checks `configs`' beforehand),
+  before the runs still waiting; returns the summaries by (variant, seed), None for a run that
+  failed or stopped."""
   configs, summaries, to_train = dict(configs), {}, set()
 
   def trainable(new: dict) -> dict:
-    check_run_dirs(new)
     configs.update(new)
     summaries.update({key: workdir_lib.read_summary(d) for key, (_, d) in new.items()})
     tasks = {key: (train_one, new[key]) for key in new if summaries[key] is None}
@@ -299,7 +299,9 @@ def run_all(configs: dict, jobs: int, derived: Callable[[dict], dict] = lambda s
     return tasks
 
   def ready() -> dict:
-    return trainable({k: v for k, v in derived(summaries).items() if k not in configs})
+    new = {k: v for k, v in derived(summaries).items() if k not in configs}
+    check_run_dirs(new)
+    return trainable(new)
 
   todo = trainable(configs)
   todo = ready() | todo
@@ -456,10 +458,11 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
               compute_matched=(), archive: str | None = None) -> tuple[str, int]:
   """Trains what is missing of every (variant, seed) (report_only: nothing), seed by seed,
   and of the statics trained on the FLOPs of the grown runs `compute_matched` names (module
-  docstring) as soon as their seed's runs have finished, and writes the report of the runs that finished; returns its text and the number of failed
-  runs (none when report_only). The static variants' runs are in `static_workdir` (default:
-  `workdir`). `archive`: the directory of the study's finished runs, restored from first and
-  added to last (module docstring)."""
+  docstring) as soon as their seed's runs have finished, and writes the report of the runs
+  that finished; returns its text and the number of failed runs (none when report_only). The
+  static variants' runs are in `static_workdir` (default: `workdir`). `archive`: the
+  directory of the study's finished runs, restored from first and added to last (module
+  docstring)."""
   matched_names = compute_matched_names(variants, list(compute_matched))
   if base.growth.slots != "events":
     # Slots held from the start differ in shape between unit kinds and are absent from static
