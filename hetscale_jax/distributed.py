@@ -68,9 +68,11 @@ HEARTBEAT_TIMEOUT_SECONDS = 30
 LOST_AFTER_SECONDS = 10
 _BEAT_KEY = "hetscale_jax/beat/"
 _BEAT_SECONDS = 0.5
-# Set when this process exits: from then on its watchdog beats on through JAX's shutdown
-# (which waits for the others) but takes no process for lost.
+# A process's last beat, set as it exits: the others never take it for lost, since JAX's
+# shutdown waits for them all and its own heartbeat covers a process that dies there.
+_EXITED = "exited"
 _exiting = threading.Event()
+WATCHDOG_THREAD = "hetscale_jax watchdog"
 
 
 def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
@@ -81,9 +83,18 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> str | None:
   if kind is not None:
     jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
                                **initialize_arguments(environ))
-    atexit.register(_exiting.set)  # registered after JAX's shutdown handler: runs before it
-    threading.Thread(target=_watchdog, daemon=True, name="hetscale_jax watchdog").start()
+    watchdog = threading.Thread(target=_watchdog, daemon=True, name=WATCHDOG_THREAD)
+    watchdog.start()
+    atexit.register(_stop_watchdog, watchdog)  # registered after JAX's shutdown: runs before it
   return kind
+
+
+def _stop_watchdog(watchdog: threading.Thread):
+  """Ends the watchdog before JAX shuts down. A daemon thread still inside a jaxlib call when
+  the interpreter finalizes is ended there by Python, through C++ frames that abort the
+  process (SIGABRT): a run that finished would exit as if it had crashed."""
+  _exiting.set()
+  watchdog.join(LOST_AFTER_SECONDS)
 
 
 def _watchdog():
@@ -99,7 +110,7 @@ def _watchdog():
   others = [i for i in range(jax.process_count()) if i != me]
   changed = {i: (None, time.monotonic()) for i in others}  # process: (last beat, when it changed)
   beat = 0
-  while True:
+  while not _exiting.is_set():
     beat += 1
     try:
       client.key_value_set(f"{_BEAT_KEY}{me}", str(beat), allow_overwrite=True)
@@ -112,10 +123,15 @@ def _watchdog():
     for i in others:
       if beats.get(f"{_BEAT_KEY}{i}") != changed[i][0]:
         changed[i] = (beats.get(f"{_BEAT_KEY}{i}"), now)
-    lost = [i for i in others if now - changed[i][1] > LOST_AFTER_SECONDS]
+    lost = [i for i in others
+            if changed[i][0] != _EXITED and now - changed[i][1] > LOST_AFTER_SECONDS]
     if lost and not _exiting.is_set():
       _end_lost(lost)
-    time.sleep(_BEAT_SECONDS)
+    _exiting.wait(_BEAT_SECONDS)
+  try:
+    client.key_value_set(f"{_BEAT_KEY}{me}", _EXITED, allow_overwrite=True)
+  except Exception:  # process 0 has gone first, with the coordination service
+    pass
 
 
 def _end_lost(lost: list[int]):

@@ -222,6 +222,33 @@ def test_a_lost_process_ends_the_other_with_one_line_naming_it(tmp_path, xla_cac
   assert ended_after < distributed.LOST_AFTER_SECONDS + 2
 
 
+# Registered before maybe_initialize, this handler runs after the watchdog's own and before
+# JAX's shutdown (atexit runs last-registered first).
+_AT_JAX_SHUTDOWN = """
+import atexit, threading, time
+from jax._src import distributed as jax_distributed
+from hetscale_jax import distributed
+
+def at_jax_shutdown():
+  alive = any(t.name == distributed.WATCHDOG_THREAD for t in threading.enumerate())
+  beat = jax_distributed.global_state.client.key_value_try_get(distributed._BEAT_KEY + "0")
+  print(f"watchdog alive: {alive}; last beat: {beat}")
+
+atexit.register(at_jax_shutdown)
+distributed.maybe_initialize()
+time.sleep(1.2)
+"""
+
+
+def test_a_finished_process_ends_its_watchdog_before_jax_shuts_down():
+  # A watchdog still inside a jaxlib call when the interpreter finalizes aborts the process.
+  done = subprocess.run([sys.executable, "-c", _AT_JAX_SHUTDOWN], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env={**_environment(_free_port(), 0),
+                                                     "JAX_NUM_PROCESSES": "1"})
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "watchdog alive: False; last beat: exited" in done.stdout, done.stdout + done.stderr
+
+
 # ---------------------------------------------------------------------------- the kill storm
 
 EVENTS = (22, 44)
