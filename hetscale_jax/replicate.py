@@ -283,13 +283,13 @@ def in_processes(tasks: dict, jobs: int, follow_up: Callable[[Any, int], dict] |
 
 
 def run_all(configs: dict, jobs: int, derived: Callable[[dict], dict] = lambda summaries: {}
-            ) -> dict:
+            ) -> tuple[dict, dict]:
   """Trains every (variant, seed) -> (config, workdir) lacking a summary, and each run that
   `derived(summaries)` gives once the runs it follows from have finished (the compute-matched
   statics; their run directories checked as check_run_dirs checks `configs`' beforehand),
-  before the runs still waiting; returns the summaries by (variant, seed), None for a run that
-  failed or stopped."""
-  configs, summaries, to_train = dict(configs), {}, set()
+  before the runs still waiting. Returns the summaries by (variant, seed), None for a run
+  that did not finish, and "failed" or "stopped" for each run that ended without one."""
+  configs, summaries, to_train, ended = dict(configs), {}, set(), {}
 
   def trainable(new: dict) -> dict:
     configs.update(new)
@@ -315,12 +315,14 @@ def run_all(configs: dict, jobs: int, derived: Callable[[dict], dict] = lambda s
     if s is not None:
       result = f"top-1 {s['eval']['top1']:.2%}, {s['params']:,} params"
     elif exit_code in (0, -signal.SIGTERM):
+      ended[key] = "stopped"
       result = "stopped (SIGTERM): the same command resumes it from its checkpoint"
     else:
+      ended[key] = "failed"
       result = f"FAILED (exit code {exit_code}; {directory}/train.log says why)"
     print(f"[{done}/{len(to_train)}, {report.format_minutes(time.perf_counter() - start)}] "
           f"{key[0]} seed {key[1]}: {result}", flush=True)
-  return summaries
+  return summaries, ended
 
 
 # ---------------------------------------------------------------------------- archive
@@ -455,11 +457,13 @@ def study_measures(configs: dict, summaries: dict, event_steps: list[int],
 
 def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event_steps: int,
               report_only: bool = False, static_workdir: str | None = None,
-              compute_matched=(), archive: str | None = None) -> tuple[str, int]:
+              compute_matched=(), archive: str | None = None
+              ) -> tuple[str, collections.Counter]:
   """Trains what is missing of every (variant, seed) (report_only: nothing), seed by seed,
   and of the statics trained on the FLOPs of the grown runs `compute_matched` names (module
   docstring) as soon as their seed's runs have finished, and writes the report of the runs
-  that finished; returns its text and the number of failed runs (none when report_only). The
+  that finished; returns its text and how many runs ended "failed", "stopped" or "not
+  started" without finishing (none when report_only). The
   static variants' runs are in `static_workdir` (default: `workdir`). `archive`: the
   directory of the study's finished runs, restored from first and added to last (module
   docstring)."""
@@ -487,11 +491,11 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   matched = lambda summaries: compute_matched_configs(configs, summaries, matched_names, seeds,
                                                       workdir)
   if report_only:
-    summaries = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
+    summaries, ended = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}, {}
     derived = matched(summaries)
     summaries |= {key: workdir_lib.read_summary(d) for key, (_, d) in derived.items()}
   else:
-    summaries = run_all(configs, jobs, derived=matched)
+    summaries, ended = run_all(configs, jobs, derived=matched)
     derived = matched(summaries)
   expected = len(configs) + len(matched_names) * seeds
   configs |= derived
@@ -516,7 +520,9 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   if archive and (added := archive_runs(archive, {key: d for key, (_, d) in configs.items()
                                                   if home(key[0]) == workdir})):
     print(f"finished runs archived in {added}", flush=True)
-  return text, 0 if report_only else len(summaries) - finished
+  unfinished = collections.Counter(ended.get(key, "not started")
+                                   for key, s in summaries.items() if s is None)
+  return text, collections.Counter() if report_only else unfinished
 
 
 def main(argv):
@@ -534,13 +540,15 @@ def main(argv):
     compute_matched_names(variants, _COMPUTE_MATCHED.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  text, failed = run_study(base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value,
-                           variants=variants, post_event_steps=_POST_EVENT_STEPS.value,
-                           report_only=_REPORT_ONLY.value, static_workdir=_STATIC_WORKDIR.value,
-                           compute_matched=_COMPUTE_MATCHED.value, archive=_ARCHIVE.value)
+  text, unfinished = run_study(
+      base, _WORKDIR.value, seeds=_SEEDS.value, jobs=_JOBS.value, variants=variants,
+      post_event_steps=_POST_EVENT_STEPS.value, report_only=_REPORT_ONLY.value,
+      static_workdir=_STATIC_WORKDIR.value, compute_matched=_COMPUTE_MATCHED.value,
+      archive=_ARCHIVE.value)
   print("\n" + text)
-  if failed:
-    sys.exit(f"{failed} run(s) failed or were stopped: the lines above say which, a failed "
+  if unfinished:
+    counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(unfinished.items()))
+    sys.exit(f"runs not finished: {counts}. The lines above say which, a failed "
              "run's train.log says why, and the same command resumes")
 
 

@@ -34,9 +34,9 @@ def study(tmp_path_factory):
   spectrum's compilation dominates a tiny run, and the variants of the paper's text reuse it
   from the study's cache). Returns its workdir."""
   workdir = str(tmp_path_factory.mktemp("study"))
-  _, failed = replicate.run_study(study_config(), workdir, seeds=1, jobs=1,
+  _, unfinished = replicate.run_study(study_config(), workdir, seeds=1, jobs=1,
                                   variants=STUDY_VARIANTS, post_event_steps=5)
-  assert failed == 0
+  assert not unfinished
   return workdir
 
 
@@ -56,10 +56,10 @@ def study_config():
 def test_report_only_renders_the_finished_runs_and_trains_nothing(study):
   """A second seed and a variant asked for but not trained: the report says how many runs
   finished, claims no way of training them, and no run directory of them appears."""
-  text, failed = replicate.run_study(study_config(), study, seeds=2, jobs=1,
+  text, unfinished = replicate.run_study(study_config(), study, seeds=2, jobs=1,
                                      variants=STUDY_VARIANTS + ["random"], post_event_steps=5,
                                      report_only=True)
-  assert failed == 0
+  assert not unfinished
   assert "**5 of 12 runs finished: a report of a study in progress.**" in text
   assert "| random | 0/2 |" in text and "run(s) at a time" not in text
   assert f"Code: commit {workdir_lib.code_commit()} (5 runs)." in text
@@ -74,9 +74,9 @@ def test_a_study_that_grows_later_reads_the_static_runs_of_another(study, tmp_pa
   later = study_config()
   later.growth.epochs = (1.5,)
   workdir = str(tmp_path / "later")
-  text, failed = replicate.run_study(later, workdir, seeds=1, jobs=1, variants=["static_reduced"],
+  text, unfinished = replicate.run_study(later, workdir, seeds=1, jobs=1, variants=["static_reduced"],
                                      post_event_steps=5, static_workdir=study)
-  assert failed == 0
+  assert not unfinished
   assert not os.path.exists(os.path.join(workdir, "static_reduced"))
   assert "| static_reduced | 1/1 |" in text  # the final results' row: the run was found
   assert "runs finished" not in text  # every run asked for is there: not a study in progress
@@ -101,8 +101,8 @@ def test_a_study_archived_on_one_machine_goes_on_on_another(study, tmp_path):
   assert sorted(replicate.read_archive(archive)) == [(v, 0) for v in sorted(STUDY_VARIANTS)]
 
   elsewhere = str(tmp_path / "elsewhere")
-  text_elsewhere, failed = replicate.run_study(study_config(), elsewhere, **kwargs)
-  assert failed == 0
+  text_elsewhere, unfinished = replicate.run_study(study_config(), elsewhere, **kwargs)
+  assert not unfinished
   assert not os.path.exists(os.path.join(elsewhere, "splitting", "seed0", "checkpoints"))
   tables = lambda text: text[text.index("K = "):]
   assert tables(text_elsewhere) == tables(text)
@@ -138,6 +138,27 @@ def test_sigterm_starts_no_new_run_and_passes_on_to_the_running_ones():
     ended.append((key, exit_code))
   assert ended == [(("running", 0), -signal.SIGTERM)]
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_study_tells_a_failed_run_from_one_that_never_started(tmp_path):
+  """run_all's outcomes, which replicate's last line counts: a run that failed, and one that a
+  SIGTERM right after it kept from starting."""
+  broken = study_config()
+  broken.num_epochs = -1  # refused as training starts: the run fails
+  configs = {("broken", s): (broken, str(tmp_path / f"seed{s}")) for s in range(2)}
+  calls = []
+
+  def derived(summaries):  # called before training, then as each run ends
+    del summaries
+    calls.append(None)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+  summaries, ended = replicate.run_all(configs, jobs=1, derived=derived)
+  assert summaries == {("broken", 0): None, ("broken", 1): None}
+  assert ended == {("broken", 0): "failed"}
+  assert "num_epochs" in (tmp_path / "seed0" / "train.log").read_text()
 
 
 def test_a_task_made_ready_by_one_that_ended_runs_before_those_waiting():
