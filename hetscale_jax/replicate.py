@@ -463,10 +463,9 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   and of the statics trained on the FLOPs of the grown runs `compute_matched` names (module
   docstring) as soon as their seed's runs have finished, and writes the report of the runs
   that finished; returns its text and how many runs ended "failed", "stopped" or "not
-  started" without finishing (none when report_only). The
-  static variants' runs are in `static_workdir` (default: `workdir`). `archive`: the
-  directory of the study's finished runs, restored from first and added to last (module
-  docstring)."""
+  started" without finishing (none when report_only). The static variants' runs are in
+  `static_workdir` (default: `workdir`). `archive`: the directory of the study's finished
+  runs, restored from first and added to last (module docstring)."""
   matched_names = compute_matched_names(variants, list(compute_matched))
   if base.growth.slots != "events":
     # Slots held from the start differ in shape between unit kinds and are absent from static
@@ -491,7 +490,7 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   matched = lambda summaries: compute_matched_configs(configs, summaries, matched_names, seeds,
                                                       workdir)
   if report_only:
-    summaries, ended = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}, {}
+    summaries = {key: workdir_lib.read_summary(d) for key, (_, d) in configs.items()}
     derived = matched(summaries)
     summaries |= {key: workdir_lib.read_summary(d) for key, (_, d) in derived.items()}
   else:
@@ -520,9 +519,10 @@ def run_study(base, workdir: str, *, seeds: int, jobs: int, variants, post_event
   if archive and (added := archive_runs(archive, {key: d for key, (_, d) in configs.items()
                                                   if home(key[0]) == workdir})):
     print(f"finished runs archived in {added}", flush=True)
-  unfinished = collections.Counter(ended.get(key, "not started")
+  if report_only:
+    return text, collections.Counter()
+  return text, collections.Counter(ended.get(key, "not started")
                                    for key, s in summaries.items() if s is None)
-  return text, collections.Counter() if report_only else unfinished
 
 
 def main(argv):

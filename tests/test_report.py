@@ -35,7 +35,7 @@ def study(tmp_path_factory):
   from the study's cache). Returns its workdir."""
   workdir = str(tmp_path_factory.mktemp("study"))
   _, unfinished = replicate.run_study(study_config(), workdir, seeds=1, jobs=1,
-                                  variants=STUDY_VARIANTS, post_event_steps=5)
+                                      variants=STUDY_VARIANTS, post_event_steps=5)
   assert not unfinished
   return workdir
 
@@ -57,8 +57,8 @@ def test_report_only_renders_the_finished_runs_and_trains_nothing(study):
   """A second seed and a variant asked for but not trained: the report says how many runs
   finished, claims no way of training them, and no run directory of them appears."""
   text, unfinished = replicate.run_study(study_config(), study, seeds=2, jobs=1,
-                                     variants=STUDY_VARIANTS + ["random"], post_event_steps=5,
-                                     report_only=True)
+                                         variants=STUDY_VARIANTS + ["random"], post_event_steps=5,
+                                         report_only=True)
   assert not unfinished
   assert "**5 of 12 runs finished: a report of a study in progress.**" in text
   assert "| random | 0/2 |" in text and "run(s) at a time" not in text
@@ -74,8 +74,9 @@ def test_a_study_that_grows_later_reads_the_static_runs_of_another(study, tmp_pa
   later = study_config()
   later.growth.epochs = (1.5,)
   workdir = str(tmp_path / "later")
-  text, unfinished = replicate.run_study(later, workdir, seeds=1, jobs=1, variants=["static_reduced"],
-                                     post_event_steps=5, static_workdir=study)
+  text, unfinished = replicate.run_study(later, workdir, seeds=1, jobs=1,
+                                         variants=["static_reduced"], post_event_steps=5,
+                                         static_workdir=study)
   assert not unfinished
   assert not os.path.exists(os.path.join(workdir, "static_reduced"))
   assert "| static_reduced | 1/1 |" in text  # the final results' row: the run was found
