@@ -35,6 +35,8 @@ Across variants, paired by seed:
                            on its training FLOPs ("static_uniform@flops:splitting",
                            config_lib.compute_matched_steps), next to static_uniform at its
                            parameters
+  wall-matched             a grown variant against the static whose mean wall time is nearest
+                           its own (wall_matched_pairs)
   units' share             of a grown variant's gain over static_reduced, the part its units
                            carry: mean(intact - units off) / mean(intact - static_reduced)
   advantage halving        a rule's advantage over its random counterpart (config_lib.
@@ -293,6 +295,16 @@ def compute_matched_pairs(grown, variants) -> list[tuple[str, str]]:
           for s in config_lib.COMPUTE_MATCHED_STATICS if config_lib.flops_matched(s, v) in variants]
 
 
+def wall_matched_pairs(measures: dict, grown, variants) -> list[tuple[str, str]]:
+  """(grown variant, the static among `variants` whose mean wall time is nearest its own). The
+  wall is the machine's, so this pairing is found in the runs, not designed into the study."""
+  mean_wall = {v: np.mean(walls) for v in variants
+               if (walls := [m["wall_seconds"] for (name, _), m in measures.items() if name == v])}
+  statics = [v for v in mean_wall if not config_lib.is_grown(v)]
+  return [(v, min(statics, key=lambda s: abs(mean_wall[s] - mean_wall[v])))
+          for v in grown if v in mean_wall and statics]
+
+
 def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps: list[int],
                  k: int, workdir: str) -> list[str]:
   """The study's sections (markdown lines) from every finished run's measures and training
@@ -351,8 +363,12 @@ def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps
   if {"static_full", "static_reduced"} <= set(variants):
     conventional.append(("static_full", "static_reduced"))
   rows += comparisons(measures, conventional, ["top1", "test_loss"])
-  rows += comparisons(measures, compute_matched_pairs(grown, variants),
-                      ["top1", "test_loss", "train_tflops"])
+  flops_matched = compute_matched_pairs(grown, variants)
+  rows += comparisons(measures, flops_matched, ["top1", "test_loss", "train_tflops"])
+  wall_matched = wall_matched_pairs(measures, grown, variants)
+  rows += comparisons(measures, [p for p in wall_matched if p not in conventional + flops_matched],
+                      ["top1", "test_loss"])
+  rows += comparisons(measures, wall_matched, ["wall_seconds"])
   lines += ["", "## Paired differences (variant - reference, same seed; 95% t-interval)", "",
             "Each grown variant against the paper's text at its unit scale, then each rule "
             "against random neurons with the same unit (selection). noise_floor - "
@@ -361,7 +377,9 @@ def study_report(measures: dict, losses: dict, variants, seeds: int, event_steps
             "Then each grown variant against static_uniform at its parameters, and against "
             "static_full and static_uniform trained on its training FLOPs, seed by seed "
             "(\"static_uniform@flops:splitting\": fewer or more steps, the learning-rate "
-            "schedule compressed to them; train_tflops shows how closely they match).", ""]
+            "schedule compressed to them; train_tflops shows how closely they match). Last, "
+            "each grown variant against the static whose mean wall time on this machine is "
+            "nearest its own (wall_seconds shows how near).", ""]
   lines += comparison_table(rows)
   window = max(k // 5, 1)
   if counterparts and event_steps:

@@ -184,3 +184,22 @@ def test_the_report_pairs_grown_variants_with_the_statics_trained_on_their_flops
   assert f"| train_tflops | splitting - {matched['static_full']} | 3 | +0.02 |" in text
   assert (f"| {matched['static_full']} | 3/3 | 88 ± 1 | 100 ± 0 | 0.5 ± 0 | 100 | 1.00 | 40 | 1.98 "
           "| 0 | 10 |") in text
+
+
+def test_the_report_pairs_each_grown_variant_with_the_static_nearest_its_wall_time(tmp_path):
+  """authors (mean wall 100 s) pairs with static_full (mean 90 s, not static_uniform's 40 s)
+  and splitting (mean 50 s) with static_uniform; each pair's wall difference is reported, and a
+  pair the report already compares at equal parameters is not compared twice."""
+  walls = {"splitting": 50.0, "authors": 100.0, "static_uniform": 40.0, "static_full": 90.0}
+  common = {"params": 100.0, "mflops": 1.0, "steps": 88.0, "train_tflops": 1.0,
+            "event_tflops": 0.0, "test_loss": 0.5, "top5": 100.0}
+  measures = {(variant, seed): {**common, "top1": top1 + seed, "wall_seconds": wall + seed}
+              for seed in range(3)
+              for (variant, wall), top1 in zip(walls.items(), (90.0, 91.0, 89.0, 95.0))}
+  assert evidence.wall_matched_pairs(measures, ["splitting", "authors"], list(walls)) == [
+      ("splitting", "static_uniform"), ("authors", "static_full")]
+  text = "\n".join(evidence.study_report(measures, {}, list(walls), 3, [], 5, str(tmp_path)))
+  assert "| top1 | authors - static_full | 3 | -4 |" in text
+  assert "| wall_seconds | authors - static_full | 3 | +10 |" in text
+  assert "| wall_seconds | splitting - static_uniform | 3 | +10 |" in text
+  assert text.count("| top1 | splitting - static_uniform |") == 1
