@@ -298,8 +298,8 @@ def compute_matched_pairs(grown, variants) -> list[tuple[str, str]]:
 def wall_matched_pairs(measures: dict, grown, variants) -> list[tuple[str, str]]:
   """(grown variant, the static among `variants` whose mean wall time is nearest its own). The
   wall is the machine's, so this pairing is found in the runs, not designed into the study."""
-  mean_wall = {v: np.mean(walls) for v in variants
-               if (walls := [m["wall_seconds"] for (name, _), m in measures.items() if name == v])}
+  mean_wall = {v: np.mean([m["wall_seconds"] for m in runs]) for v in variants
+               if (runs := _runs_of(measures, v))}
   statics = [v for v in mean_wall if not config_lib.is_grown(v)]
   return [(v, min(statics, key=lambda s: abs(mean_wall[s] - mean_wall[v])))
           for v in grown if v in mean_wall and statics]
