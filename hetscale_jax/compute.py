@@ -41,8 +41,7 @@ import time
 
 import jax
 
-from hetscale_jax import growth_event, layers, sharding, unit_only
-from hetscale_jax.layers import GROWTH_COLLECTION
+from hetscale_jax import growth_event, unit_only
 
 
 def program_flops(program) -> float:
@@ -68,9 +67,6 @@ def event_work(config, loss_fn: Callable, before, after, next_batches: list,
   g = config.growth
   start = time.perf_counter()
   probe = next_batches[:g.probe_batches]
-  # Exact lists already, as the spectrum takes them: cutting them is host work, not traceable.
-  before = layers.exact_lists({"params": before["params"],
-                               GROWTH_COLLECTION: sharding.host_value(before.get(GROWTH_COLLECTION, {}))})
   work = {"step": step, "split_check": 0.0, "unit_only": 0.0,
           "spectrum": lowered_flops(
               lambda v, b: growth_event.event_spectrum(config, loss_fn, v, b, step), before, probe)}

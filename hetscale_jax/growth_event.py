@@ -114,11 +114,11 @@ def scheduled_slots(config, variables):
 
 def event_spectrum(config, loss_fn, variables, probe: list, step: int):
   """The spectrum a growth event at `step` scores `variables` by, on the probe batches. It
-  computes on exact depth lists (layers.exact_lists): it runs once per event, so a program
-  without the train step's choice of prefixes compiles faster, and before the first event it
-  has no unit code at all; the warm-up thread compiles each event's between events."""
+  computes on whole depth lists (layers.whole_lists): it runs once per event, so a program
+  without the train step's choice of prefixes compiles faster, and with slots held from the
+  start one program serves every event; the warm-up thread compiles it while training goes on."""
   g = config.growth
-  variables = layers.exact_lists(variables)
+  variables = layers.whole_lists(variables)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)  # eager: not the spectrum's
   with compile_log.program("spectrum"):
     return grow.splitting_spectrum(

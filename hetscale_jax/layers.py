@@ -385,24 +385,14 @@ def live_units(variables, path: str) -> dict[str, LiveUnits]:
   return out
 
 
-def exact_lists(variables):
-  """The variables with each pack's depth lists cut to exactly its units and no held counts:
-  the same function, computed without the run-time choice of prefixes, in a program whose
-  shapes change with every event (one that runs once per event, such as the spectrum, compiles
-  faster so; one with no unit yet has no unit code at all). Host work: `growth` in numpy."""
-  params, growth = _split(checked_variables(variables, "exact_lists"))
-  held_keys = [k for k in growth if k.rsplit("/", 1)[-1] in
-               {param_name(kind, HELD) for kind in UNIT_KINDS}]
-  for key in held_keys:
-    path, name = key.rpartition("/")[::2]
-    kind = name[:-len(HELD) - 1]
-    prefix = path + "/" if path else ""
-    pack = layer_packs(_sub(params, path), _sub(growth, path))[kind]
-    for depth in range(len(pack.depths)):
-      del growth[prefix + depth_name(kind, depth)]
-    del growth[key]
-    for depth, slots in enumerate(pack.unit_lists()[:len(pack.units_per_depth())]):
-      growth[prefix + depth_name(kind, depth)] = slots
+def whole_lists(variables):
+  """The variables without held counts: each pack with room then computes its whole padded
+  lists, whose entries that hold no unit compute exact zeros. The same function in a program
+  whose shapes no event changes (the room is the schedule's), and without the run-time choice
+  of prefixes: one that runs once per event, such as the spectrum, compiles once per run so."""
+  params, growth = _split(checked_variables(variables, "whole_lists"))
+  held = {param_name(kind, HELD) for kind in UNIT_KINDS}
+  growth = {k: v for k, v in growth.items() if k.rsplit("/", 1)[-1] not in held}
   return {**variables, GROWTH_COLLECTION: traverse_util.unflatten_dict(growth, sep="/")}
 
 

@@ -354,13 +354,14 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
       config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step), mesh)
   (first,), batches = peek(batches, 1)
   held_aside = held_aside_batches(config, mesh)
-  compiled = compile_train_step(train_step, mesh, state, first)
-  # The next event scores the model as it is now: its spectrum can compile meanwhile.
+  # The next event scores the model as it is now: its spectrum compiles meanwhile, the first
+  # event's beside the train step. Slots held from the start keep its programs for every event.
   warm_up_for = lambda state, batch: (
       growth_event.warm_up_spectrum(config, model, state, batch, num_classes=info.num_classes,
                                     model_input=model_input(config))
       if len(growth_log) < len(events) and jax.process_count() == 1 else None)
   warm_up = warm_up_for(state, first)
+  compiled = compile_train_step(train_step, mesh, state, first)
   writer = writers.create(workdir)
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
@@ -388,7 +389,7 @@ def _train_and_evaluate(config, workdir: str, info, ckpt: checkpoint.Checkpointe
         report_growth(workdir, writer, event, state)
         check_finite(state)  # a checkpoint never holds a state that skipped a non-finite step
         ckpt.save(state, growth_log)  # a restart does not redo the event
-        warm_up = warm_up_for(state, ahead[0])
+        warm_up = warm_up_for(state, ahead[0]) if config.growth.slots == "events" else None
 
     state, metrics = compiled.fn(state, next(batches))
     step += 1

@@ -301,20 +301,27 @@ def test_a_pack_with_room_computes_what_exact_lists_compute(x64, room):
     assert not np.any(g_held[name][slots:]), name
 
 
-def test_exact_lists_of_a_pack_with_room_are_the_units_lists(x64):
-  """exact_lists cuts a pack with room to the lists that sizing slots at events gives, drops its
-  held counts, and leaves the function as it was; a pack with no unit keeps no depth."""
+def test_whole_lists_keep_the_function_and_the_shapes_of_a_pack_with_room(x64):
+  """whole_lists drops a pack with room's held counts and nothing else: every depth then computes
+  its whole padded list (the empty entries exactly zero), the function and its gradients those
+  of the exact lists, in shapes that units added to the room do not change."""
   exact, held = _three_depths(jnp.float64)
-  cut = layers.exact_lists(held)
-  assert sorted(cut["growth"]) == sorted(exact["growth"])
-  for name, value in exact["growth"].items():
-    np.testing.assert_array_equal(cut["growth"][name], value, err_msg=name)
+  whole = layers.whole_lists(held)
+  assert sorted(whole["growth"]) == sorted(set(held["growth"]) - {"gated_held"})
+  for name, value in whole["growth"].items():
+    np.testing.assert_array_equal(value, held["growth"][name], err_msg=name)
   x = _inputs(jnp.float64)
   apply = jax.jit(GrowableDense(D_OUT).apply)
-  np.testing.assert_allclose(apply(cut, x), apply(held, x), rtol=0, atol=1e-12)
-  empty = layers.set_packs({"params": {"dense": _base_params(jnp.float64)}}, {"dense": {
-      "gated": layers.empty_pack("gated", 8, D_IN, np.float64, room=(8, 4))}})
-  assert sorted(layers.exact_lists(empty)["growth"]["dense"]) == ["gated_index"]
+  np.testing.assert_allclose(apply(whole, x), apply(exact, x), rtol=0, atol=1e-12)
+  loss = lambda params, v: jnp.sum(jnp.sin(apply({**v, "params": params}, x)))
+  g_exact, g_whole = jax.grad(loss)(exact["params"], exact), jax.grad(loss)(whole["params"], whole)
+  for name, value in g_exact.items():
+    np.testing.assert_allclose(g_whole[name][:len(value)], value, rtol=0, atol=1e-12, err_msg=name)
+  index, r, a = _random_stage(np.array([3]), 33, jnp.float64)
+  more = _one_layer(layers.add_unit_packs({k: {"dense": v} for k, v in held.items()}, {
+      "dense": layers.NewUnits("gated", index, {"r": r, "a": a})}))
+  np.testing.assert_array_equal(more["growth"]["gated_held"], [5, 2, 1])
+  assert jax.tree.map(np.shape, layers.whole_lists(more)) == jax.tree.map(np.shape, whole)
 
 
 def test_the_two_dispatches_compute_the_same(x64, monkeypatch):
