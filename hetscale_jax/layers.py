@@ -435,9 +435,9 @@ def with_bias_input(x: jax.Array) -> jax.Array:
 def skip_unit(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Array:
   """u = 1/2 s(z + p) + 1/2 s(z - p) - s(z): even in p, second order at p = 0.
 
-  Its derivative is written out (_skip_unit_jvp) so that reverse mode keeps two arrays per
-  slot and token, the two slopes, instead of what differentiating three activations keeps; the
-  rule is itself differentiable, as the spectrum's second derivatives need."""
+  Its derivative is written out (_skip_unit_jvp): each point's value and slope from one pass
+  of s, combined into one slope in z and one in p; the rule is itself differentiable, as the
+  spectrum's second derivatives need."""
   s = activation_fn(activation)
   return _combined(s(z + p), s(z - p), s(z))
 
@@ -457,6 +457,12 @@ def _skip_unit_jvp(activation: str, primals, tangents):
   (s_plus, ds_plus), (s_minus, ds_minus), (s_z, ds_z) = map(value_and_slope, (z + p, z - p, z))
   unit = _combined(s_plus, s_minus, s_z)
   return unit, _combined(ds_plus, ds_minus, ds_z) * dz + 0.5 * (ds_plus - ds_minus) * dp
+
+
+# Reverse mode keeps only the unit's inputs and recomputes its activations and slopes: XLA:CPU
+# fuses the slopes' last step into the backward pass anyway, so that what it kept were their
+# pieces, three per point; recomputing them there costs no more (BENCHMARKS.md).
+_recomputed_skip_unit = jax.checkpoint(skip_unit, static_argnums=(2,))
 
 
 def probe_branch(z: jax.Array, p: jax.Array, activation: str = "gelu") -> jax.Array:
@@ -514,9 +520,11 @@ def _gather_slots(index, params: dict, slots, d_out: int, dtype):
   return rows, index.at[slots].get(mode="fill", fill_value=d_out)
 
 
-def _add_units(yt, xt, kind: str, rows: dict, neurons, activation: str, how: str):
+def _add_units(yt, xt, kind: str, rows: dict, neurons, activation: str, how: str,
+               recompute: bool):
   """yt [d_out, tokens] plus one depth's units, parameters `rows` on `neurons` (distinct, or
-  linear units, which do not read yt), projected from xt [d_in, tokens]."""
+  linear units, which do not read yt), projected from xt [d_in, tokens]; with `recompute`, the
+  gated units' activations and slopes are recomputed in the backward pass."""
   take, add = dispatch(how)
   if kind == "gated":
     weights, offsets = rows["r"][:, :-1], rows["r"][:, -1]
@@ -525,7 +533,8 @@ def _add_units(yt, xt, kind: str, rows: dict, neurons, activation: str, how: str
   p = weights @ xt + offsets[:, None]
   if kind == "linear":
     return add(yt, neurons, linear_unit(p, activation))
-  return add(yt, neurons, rows["a"][:, None] * skip_unit(take(yt, neurons), p, activation))
+  unit = _recomputed_skip_unit if recompute else skip_unit
+  return add(yt, neurons, rows["a"][:, None] * unit(take(yt, neurons), p, activation))
 
 
 def bucket_sizes(length: int) -> list[int]:
@@ -549,7 +558,8 @@ def _add_depth(yt, xt, kind, index, params, slots, held, activation, how):
   def prefix(size):
     def run(yt, xt, index, params, slots):
       rows, neurons = _gather_slots(index, params, slots[:size], yt.shape[0], yt.dtype)
-      return _add_units(yt, xt, kind, rows, neurons, activation, how)
+      # A prefix with room is rematerialised whole: its units need no recomputing of their own.
+      return _add_units(yt, xt, kind, rows, neurons, activation, how, recompute=held is None)
     return run
   if held is None:
     return prefix(slots.shape[0])(yt, xt, index, params, slots)
