@@ -138,6 +138,10 @@ def main(argv):
   if _PLANS.value and not recorded:
     with open(_PLANS.value, "w") as f:
       json.dump(picks, f)
+  # The events' programs (18 spectra when the picks are computed) are not needed again. XLA:CPU
+  # maps each compiled program's code in thousands of pieces: with them held, compiling the
+  # train steps below reached Linux's default limit of 65,530 maps ("Cannot allocate memory").
+  jax.clear_caches()
   for variant in STATIC:
     config = load_config(variant, 224, _BATCH.value)
     trainer = common.Trainer(config, common.dataset_info(config))
