@@ -18,6 +18,11 @@ states and of static_reduced, static_uniform and static_full are timed in turn, 
 rounds after a warm-up round (one step each); a ratio is the median of per-round ratios.
 Printed per model: parameters, XLA's flops and temporary ("working") memory of the compiled
 train step; per grown model: units, slots allocated, and the units at each depth.
+
+XLA:CPU's default scheduler orders a program for concurrency and computes work as soon as its
+inputs exist, which can hold for the whole backward pass what remat meant to recompute there
+(it also drops remat's barriers). XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
+measures the same programs under its memory-minimizing scheduler (BENCHMARKS.md reports both).
 """
 
 import collections
