@@ -20,9 +20,10 @@ Printed per model: parameters, XLA's flops and temporary ("working") memory of t
 train step; per grown model: units, slots allocated, and the units at each depth.
 
 XLA:CPU's default scheduler orders a program for concurrency and computes work as soon as its
-inputs exist, which can hold for the whole backward pass what remat meant to recompute there
-(it also drops remat's barriers). XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false
-measures the same programs under its memory-minimizing scheduler (BENCHMARKS.md reports both).
+inputs exist: what remat meant to recompute in the backward pass (XLA:CPU drops remat's
+barriers) can then be computed in the forward pass and held until the backward pass reads it.
+XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false measures the same programs
+under its memory-minimizing scheduler (BENCHMARKS.md reports both).
 """
 
 import collections
