@@ -40,8 +40,8 @@ from conftest import TINY_RUN_GROUP, assert_bitwise_equal, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PARAM_TOL, EVAL_RTOL = 1e-3, 1e-5
-# Process 0, the coordinator, starting late is the order that can fail; the kill storm's
-# relaunches start the two in other orders.
+# "together" starts process 1 a moment after process 0; "process 0 late" makes process 1 wait
+# for the coordinator. The kill storm's relaunches pick the first process and the delay at random.
 STARTS = {"together": (0, 0.0), "process 0 late": (1, 4.0)}
 # The storm: log and save every few steps, so that kills land in steps and in writes (fields
 # a resumed run may change: the numbers are the uninterrupted run's).
